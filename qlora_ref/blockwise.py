@@ -1,0 +1,131 @@
+r"""Blockwise absmax quantization: one scale per block of ``blocksize`` numbers.
+
+Paper section 2, "Block-wise k-bit Quantization". A single outlier would
+waste the whole code range if one constant scaled the entire tensor, so the
+tensor is cut into independent blocks, each scaled by its own absolute
+maximum:
+
+.. math::
+
+    c_b = \max_{i \in b} |x_i|, \qquad
+    \mathbf{X}^{q}_i = \operatorname*{arg\,min}_j \left| \text{code}_j - x_i / c_b \right|, \qquad
+    \hat x_i = \text{code}[\mathbf{X}^{q}_i] \cdot c_b .
+
+Mirrors bitsandbytes' ``quantize_blockwise`` / ``dequantize_blockwise``
+and the first half of ``quantize_4bit`` (its plain-torch CPU path reads
+like this module). This is the readable reference; the Cython kernels in
+:mod:`qlora_ref._kernels` compute the same bytes faster.
+
+Note (reciprocal): like bitsandbytes' kernels we multiply by the float32
+reciprocal :math:`1/c_b` instead of dividing; the two can differ in the
+last bit, and only that bit decides a value lying within one ulp of a
+decision boundary. (bitsandbytes' CPU path divides in the trailing partial
+block; the parity tests bound that.)
+
+Note (zero blocks): an all-zero block has :math:`c_b = 0`. Its scale is
+taken as :math:`1/\max(c_b, 10^{-38})`, so it quantizes to the code of 0 and
+dequantizes to exact zeros, never NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["block_absmax", "nearest_code", "decision_boundaries", "quantize_blockwise",
+           "dequantize_blockwise"]
+
+_TINY = np.float32(1e-38)  # matches bitsandbytes: absmax.clamp(min=1e-38) before 1/absmax
+
+
+def _blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
+    """View ``flat`` as rows of ``blocksize``, zero-padding a trailing partial block."""
+    n_blocks = -(-flat.size // blocksize)
+    padded = np.zeros(n_blocks * blocksize, dtype=flat.dtype)
+    padded[: flat.size] = flat
+    return padded.reshape(n_blocks, blocksize)  # (n_blocks, blocksize)
+
+
+def block_absmax(flat: np.ndarray, blocksize: int) -> np.ndarray:
+    r"""Per-block absolute maximum :math:`c_b = \max_{i \in b} |x_i|`, float32.
+
+    A trailing partial block is its own block (matches bitsandbytes); the
+    zero padding cannot change its maximum.
+    """
+    return np.abs(_blocks(flat, blocksize)).max(axis=1).astype(np.float32)  # (n_blocks,)
+
+
+def decision_boundaries(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Midpoints between neighbouring code values, and the sort order of the code.
+
+    .. math::
+
+        m_k = (s_k + s_{k+1}) / 2, \qquad s = \operatorname{sort}(\text{code})
+
+    computed in float32 (as bitsandbytes does). ``order[k]`` is the index in
+    ``code`` of the k-th smallest value; the sort is stable, so of two equal
+    values (FP4's two zeros) the lower index comes first.
+    """
+    code = np.asarray(code, dtype=np.float32)
+    order = np.argsort(code, kind="stable")
+    s = code[order]
+    return (s[:-1] + s[1:]) / np.float32(2.0), order  # (len-1,) float32, (len,)
+
+
+def nearest_code(normalized: np.ndarray, code: np.ndarray) -> np.ndarray:
+    r"""Index of the code value nearest to each entry of ``normalized``.
+
+    A value's position among the sorted midpoints is its sorted code index:
+
+    .. math::
+
+        k(v) = \#\{\, j : m_j < v \,\}
+
+    **Tie rule**: a value exactly on a midpoint goes to the *lower* code
+    value (``searchsorted(..., side="left")``), as bitsandbytes' CPU path
+    (``torch.bucketize``) and its CUDA NF4 kernel (``x > threshold``) do.
+    """
+    midpoints, order = decision_boundaries(code)
+    position = np.searchsorted(midpoints, normalized, side="left")  # eq. k(v)
+    return order[position].astype(np.uint8)
+
+
+def normalize(flat: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndarray:
+    r"""Scale each element into [-1, 1] by its block: :math:`x_i \cdot \operatorname{fl}(1 / c_b)`."""
+    reciprocal = np.float32(1.0) / np.maximum(absmax, _TINY)        # (n_blocks,) float32
+    scaled = _blocks(flat, blocksize) * reciprocal[:, None]          # (n_blocks, blocksize)
+    return scaled.reshape(-1)[: flat.size]                           # (n,)
+
+
+def quantize_blockwise(x: np.ndarray, code: np.ndarray, blocksize: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``x`` blockwise with absmax scaling to indices into ``code``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32 values, any shape (flattened in C order).
+    code : numpy.ndarray
+        The codebook, float32 values in [-1, 1] (any order; at most 256).
+    blocksize : int
+        Elements per block; the last block may be shorter.
+
+    Returns
+    -------
+    codes : numpy.ndarray
+        uint8 indices into ``code``, same shape as ``x``.
+    absmax : numpy.ndarray
+        float32, one per block: ``ceil(x.size / blocksize)``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    absmax = block_absmax(flat, blocksize)             # c_b
+    normalized = normalize(flat, absmax, blocksize)    # x / c_b
+    return nearest_code(normalized, code).reshape(x.shape), absmax
+
+
+def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray,
+                         blocksize: int) -> np.ndarray:
+    r"""Invert :func:`quantize_blockwise`: :math:`\hat x_i = \text{code}[q_i] \cdot c_b`, float32."""
+    codes = np.asarray(codes)
+    values = np.asarray(code, dtype=np.float32)[codes.reshape(-1)]   # (n,) in [-1, 1]
+    scaled = _blocks(values, blocksize) * absmax[:, None]             # (n_blocks, blocksize)
+    return scaled.reshape(-1)[: codes.size].reshape(codes.shape)

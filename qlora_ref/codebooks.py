@@ -1,0 +1,263 @@
+r"""Codebooks: the 16 (or 256) values a 4-bit (8-bit) code can stand for.
+
+Paper section 3, "4-bit NormalFloat Quantization". A codebook is a sorted
+table of values in [-1, 1]; quantizing a number means storing the *index* of
+the nearest table entry (after dividing by the block's absmax, see
+:mod:`qlora_ref.blockwise`).
+
+Mirrors ``bitsandbytes.functional.create_normal_map``,
+``get_4bit_type`` and ``create_dynamic_map``. Every table is *derived* here,
+never pasted, and the tests check each one against bitsandbytes' table.
+
+Note (float32 steps): bitsandbytes builds its tables with ``torch.linspace``
+in float32 and divides in float32, so its NF4 values sit up to ~1.2e-7 away
+from an all-float64 derivation. Quantization must use the *same* float32
+values as bitsandbytes to produce the same bytes, so :func:`nf4_code`
+reproduces those float32 steps (:func:`linspace_float32`), and
+:func:`normal_float_code` with ``float32_steps=False`` gives the float64
+version for comparison.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+__all__ = [
+    "NF4_OFFSET",
+    "linspace_float32",
+    "normal_float_code",
+    "nf4_code",
+    "fp4_code",
+    "int4_code",
+    "dynamic_code",
+    "code_for",
+]
+
+#: The outermost quantile used by NF4. See :func:`normal_float_code`.
+NF4_OFFSET = 0.9677083
+
+
+def linspace_float32(start: float, stop: float, num: int) -> np.ndarray:
+    r"""``torch.linspace(start, stop, num)`` in float32, bit for bit.
+
+    torch fills the first half forwards from ``start`` and the second half
+    backwards from ``stop``; the step is a float32 division:
+
+    .. math::
+
+        \Delta = \operatorname{fl}\!\left(\frac{b - a}{n - 1}\right),\qquad
+        v_i = \begin{cases} \operatorname{fl}(a + i\Delta) & i < \lfloor n/2 \rfloor \\
+                            \operatorname{fl}(b - (n - 1 - i)\Delta) & \text{otherwise} \end{cases}
+
+    where :math:`\operatorname{fl}` rounds to float32 *once*: torch's CPU
+    kernel evaluates :math:`a + i\Delta` as a fused multiply-add. We get the
+    same single rounding by computing in float64, where :math:`a + i\Delta`
+    is exact for these sizes, and rounding at the end. NumPy's own
+    ``linspace`` differs in the last bit for some entries, which would
+    shift bitsandbytes' 8-bit dynamic code (see the module note).
+    """
+    a, b = np.float32(start), np.float32(stop)
+    step = np.float64((b - a) / np.float32(num - 1))  # the float32 step, held exactly
+    i = np.arange(num, dtype=np.float64)
+    forward = np.float64(a) + i * step                 # exact in float64
+    backward = np.float64(b) - (num - 1 - i) * step    # exact in float64
+    return np.where(i < num // 2, forward, backward).astype(np.float32)  # one rounding
+
+
+def normal_float_code(bits: int = 4, offset: float = NF4_OFFSET,
+                      float32_steps: bool = True) -> np.ndarray:
+    r"""The k-bit NormalFloat codebook NF\ *k*: quantiles of N(0, 1) scaled to [-1, 1].
+
+    Information-theoretically optimal data types give every code the same
+    share of the input's probability mass. For normally distributed weights
+    that means placing the :math:`2^k` levels at quantiles of N(0, 1). To
+    have an *exact zero* (padding and zero weights must round-trip) the
+    type is asymmetric: :math:`2^{k-1}` positive levels from the quantiles of
+    the upper half, :math:`2^{k-1} - 1` negative levels from the lower half,
+    and 0 itself:
+
+    .. math::
+
+        q^+_i = \Phi^{-1}\!\left(\delta + (\tfrac12 - \delta)\tfrac{i}{2^{k-1}}\right)
+              \;\text{(}p\text{ from }\delta\text{ down to } \tfrac12\text{, } 2^{k-1}+1
+              \text{ points, last dropped)}
+
+        q^-_j = -\Phi^{-1}\!\left(\delta + (\tfrac12 - \delta)\tfrac{j}{2^{k-1}-1}\right)
+              \;\text{(}2^{k-1}\text{ points, last dropped)}
+
+        \text{NF}k = \operatorname{sort}(q^-, 0, q^+) \,/\, \max_i q^+_i
+
+    with :math:`\delta` = ``offset`` = 0.9677083 and :math:`\Phi^{-1}` the
+    normal quantile function (``scipy.stats.norm.ppf``).
+
+    Why 0.9677083 and not 1? :math:`\Phi^{-1}(1) = \infty`, so the outermost
+    quantile must stop short of 1. QLoRA picks it as the midpoint of two
+    quantile grids: :math:`\delta = \tfrac12\left(\tfrac{1}{2\cdot 15}
+    + \tfrac{1}{2\cdot 16}\right)` below 1, i.e.
+    :math:`1 - \delta = (1/30 + 1/32)/2 = 0.0322917`, so the largest level
+    sits at :math:`\Phi^{-1}(0.9677083) \approx 1.848` standard deviations
+    before normalisation to 1.
+
+    Parameters
+    ----------
+    bits : int
+        2 to 8. NF4 is ``bits=4``.
+    offset : float
+        The outermost probability :math:`\delta`, in (0.5, 1).
+    float32_steps : bool
+        If True (default), compute the probabilities with
+        :func:`linspace_float32` and divide by the maximum in float32,
+        exactly as bitsandbytes does; if False, compute in float64 and
+        round once at the end.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(2**bits,)``, sorted, ``[0] == -1``, ``[-1] == 1``,
+        exactly one zero.
+    """
+    if not 2 <= int(bits) <= 8 or int(bits) != bits:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}")
+    half = 2 ** (bits - 1)
+    if float32_steps:
+        p_pos = linspace_float32(offset, 0.5, half + 1)[:-1]  # (half,)
+        p_neg = linspace_float32(offset, 0.5, half)[:-1]      # (half - 1,)
+    else:
+        p_pos = np.linspace(offset, 0.5, half + 1)[:-1]
+        p_neg = np.linspace(offset, 0.5, half)[:-1]
+    positive = norm.ppf(p_pos.astype(np.float64))             # q+, float64
+    negative = -norm.ppf(p_neg.astype(np.float64))            # q-, float64
+    levels = np.sort(np.concatenate([negative, [0.0], positive]))
+    if float32_steps:
+        levels = levels.astype(np.float32)
+        return levels / levels.max()                          # float32 division
+    return (levels / levels.max()).astype(np.float32)
+
+
+def nf4_code() -> np.ndarray:
+    """The NF4 codebook used for quantizing: 16 sorted float32 values.
+
+    ``normal_float_code(4)``; equal, value for value, to bitsandbytes'
+    ``get_4bit_type("nf4")`` (see :func:`normal_float_code` for the
+    derivation and the module note on float32 steps).
+
+    Examples
+    --------
+    >>> code = nf4_code()
+    >>> code.shape, code.dtype, float(code[0]), float(code[7]), float(code[-1])
+    ((16,), dtype('float32'), -1.0, 0.0, 1.0)
+    """
+    return normal_float_code(4)
+
+
+def fp4_code() -> np.ndarray:
+    r"""bitsandbytes' FP4: 1 sign bit, 2 exponent bits, 1 mantissa bit, in *code order*.
+
+    Index bit 3 is the sign; bits 2..1 are the exponent field :math:`e`,
+    bit 0 the mantissa :math:`m`. bitsandbytes' kernels read the exponent
+    field *downwards* (a larger field means a smaller power of two) and
+    field 0 is subnormal:
+
+    .. math::
+
+        |v| = \begin{cases} m \cdot 2^{-4} & e = 0 \\
+                            (1 + m/2) \cdot 2^{\,4 - e} & e = 1, 2, 3 \end{cases}
+
+    ==========  =====  ======  =====  =====  =====  =====  =====  =====
+    bits 2..0   000    001     010    011    100    101    110    111
+    magnitude   0      0.0625  8      12     4      6      2      3
+    ==========  =====  ======  =====  =====  =====  =====  =====  =====
+
+    Divided by the largest magnitude (12, float32 division) so the table
+    spans [-1, 1]. The table is *not sorted*: index 0b0011 is +1.0.
+
+    Note (negative zero): index 0b1000 is -0.0, which is how bitsandbytes'
+    compiled kernels (C++ on CPU, CUDA) decode it. Its Python table
+    ``get_4bit_type("fp4")`` writes the integer ``-0``, i.e. +0.0; the two
+    are equal as numbers, and only the sign bit of a dequantized zero differs. Matches ``bitsandbytes.functional.get_4bit_type("fp4")``.
+    """
+    magnitudes = []
+    for bits in range(8):
+        e, m = bits >> 1, bits & 1
+        if e == 0:  # subnormal: no implicit leading 1
+            magnitudes.append(m * 2.0 ** -4)
+        else:
+            magnitudes.append((1 + m / 2) * 2.0 ** (4 - e))
+    magnitudes = np.array(magnitudes, dtype=np.float32)                    # (8,)
+    table = np.concatenate([magnitudes, -magnitudes])                        # (16,) bit 3 = sign
+    return table / np.float32(12.0)
+
+
+def int4_code() -> np.ndarray:
+    r"""Symmetric uniform 4-bit integers :math:`\{-7, \dots, 7\}/7`, sorted.
+
+    For comparison only (paper Table 2 / Figure 3 baselines). 15 distinct
+    levels: the 16th index repeats 0 so that the table has 16 entries and
+    one exact zero is reachable. Sorted so it can use the same midpoint
+    search as NF4.
+    """
+    levels = np.arange(-7, 8, dtype=np.float32) / np.float32(7.0)  # (15,)
+    return np.sort(np.concatenate([levels, np.zeros(1, np.float32)])).astype(np.float32)
+
+
+def dynamic_code(signed: bool = True, max_exponent_bits: int = 7,
+                 total_bits: int = 8) -> np.ndarray:
+    r"""The 8-bit dynamic-exponent map (Dettmers 2016) used for double quantization.
+
+    Each code has a sign, an exponent :math:`e` written in unary (leading
+    zeros, at most ``max_exponent_bits``) and a linear fraction in the bits
+    that remain. Exponent level :math:`i` contributes the midpoints of
+    :math:`2^{i}+1` (signed) evenly spaced points in [0.1, 1], scaled by
+    :math:`10^{i-(E-1)}`:
+
+    .. math::
+
+        \text{code} = \operatorname{sort}\Big( \bigcup_{i=0}^{E-1}
+            \pm 10^{\,i-E+1} \cdot \frac{b_j + b_{j+1}}{2}
+            \;\Big|\; b = \operatorname{linspace}(0.1, 1, n_i) \Big)
+            \cup \{0, 1\}
+
+    All steps in float32, as bitsandbytes' ``create_dynamic_map`` does, so
+    the result is bit-identical to it.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(2**total_bits,)``, sorted.
+    """
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+
+    def scaled_means(n_points: int, i: int) -> np.ndarray:
+        boundaries = linspace_float32(0.1, 1.0, n_points)
+        means = (boundaries[:-1] + boundaries[1:]) / np.float32(2.0)  # float32
+        return np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means
+
+    for i in range(max_exponent_bits):
+        fraction_items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                          else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        means = scaled_means(fraction_items, i)
+        data += means.tolist()
+        if signed:
+            data += (-means).tolist()
+    if additional_items > 0:
+        means = scaled_means(additional_items + 1, max_exponent_bits - 1)
+        data += means.tolist()
+        if signed:
+            data += (-means).tolist()
+    data += [0.0, 1.0]
+    if len(data) != 2 ** total_bits:
+        raise ValueError(
+            f"these settings give {len(data)} codes, not 2**total_bits = {2 ** total_bits}")
+    return np.sort(np.array(data, dtype=np.float32))
+
+
+def code_for(quant_type: str) -> np.ndarray:
+    """The 16-entry codebook for a 4-bit ``quant_type``: ``"nf4"``, ``"fp4"`` or ``"int4"``."""
+    tables = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
+    if quant_type not in tables:
+        raise ValueError(f"quant_type must be one of {sorted(tables)}, got {quant_type!r}")
+    return tables[quant_type]()

@@ -1,0 +1,1 @@
+"""Bridges to other implementations (bitsandbytes). Each module imports its library lazily."""

@@ -1,0 +1,155 @@
+"""Interoperability with bitsandbytes: exchange ``QuantState`` objects and checkpoints.
+
+* :func:`to_bitsandbytes` / :func:`from_bitsandbytes` convert between our
+  :class:`~qlora_ref.QuantState` and ``(packed, bitsandbytes.functional.QuantState)``,
+  the pair ``bitsandbytes.functional.dequantize_4bit`` takes.
+* :func:`to_linear4bit_state_dict` / :func:`from_linear4bit_state_dict` write
+  and read the state-dict entries of a ``bitsandbytes.nn.Linear4bit``
+  (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+  ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so a
+  learner can open a real 4-bit checkpoint with this package. These two need
+  torch but *not* bitsandbytes.
+
+The packed ``quant_state.bitsandbytes__<type>`` entry is JSON encoded as
+UTF-8 bytes in a uint8 tensor (bitsandbytes' ``pack_dict_to_tensor``).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..quant_state import QuantState
+
+__all__ = ["to_bitsandbytes", "from_bitsandbytes", "to_linear4bit_state_dict",
+           "from_linear4bit_state_dict"]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _numpy(x, dtype) -> np.ndarray:
+    """A tensor or array as a 1-D NumPy array of ``dtype`` (exact: no value conversion)."""
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu").contiguous()
+        if str(x.dtype) != "torch." + np.dtype(dtype).name:
+            raise ValueError(f"expected a {np.dtype(dtype).name} tensor, got {x.dtype}")
+        return x.numpy().reshape(-1).copy()
+    x = np.asarray(x)
+    if x.dtype != dtype:
+        raise ValueError(f"expected a {np.dtype(dtype).name} array, got {x.dtype}")
+    return x.reshape(-1).copy()
+
+
+def to_bitsandbytes(state: QuantState, device="cpu"):
+    """Export ``state`` as ``(packed, quant_state)`` for ``bitsandbytes.functional.dequantize_4bit``.
+
+    ``packed`` is a ``torch.uint8`` tensor of shape ``(ceil(n/2), 1)`` (the
+    shape bitsandbytes' ``quantize_4bit`` returns).
+
+    Examples
+    --------
+    >>> import numpy as np, qlora_ref, bitsandbytes.functional as F  # doctest: +SKIP
+    >>> packed, qs = qlora_ref.to_bitsandbytes(qlora_ref.quantize_4bit(np.ones((4, 64))))  # doctest: +SKIP
+    >>> F.dequantize_4bit(packed, qs).shape  # doctest: +SKIP
+    torch.Size([4, 64])
+    """
+    torch = _torch()
+    from bitsandbytes.functional import QuantState as BnbQuantState
+
+    if state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes stores only nf4 and fp4, not {state.quant_type!r}")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    state2 = offset = None
+    if state.double_quant:
+        state2 = BnbQuantState(absmax=t(state.nested_absmax), code=t(state.nested_code),
+                               blocksize=state.nested_blocksize, dtype=torch.float32)
+        offset = torch.tensor(np.float32(state.offset)).to(device)
+    qs = BnbQuantState(absmax=t(state.absmax), shape=torch.Size(state.shape), code=t(state.code),
+                       blocksize=state.blocksize, quant_type=state.quant_type,
+                       dtype=getattr(torch, state.dtype), offset=offset, state2=state2)
+    return t(state.packed).reshape(-1, 1), qs
+
+
+def from_bitsandbytes(packed, quant_state) -> QuantState:
+    """Build a :class:`~qlora_ref.QuantState` from bitsandbytes' ``(packed, QuantState)``."""
+    if quant_state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"unsupported bitsandbytes quant_type {quant_state.quant_type!r}")
+    if str(packed.dtype) != "torch.uint8":
+        packed = packed.view(_torch().uint8)  # bitsandbytes may store in another quant_storage
+    kwargs = dict(packed=_numpy(packed, np.uint8),
+                  shape=tuple(quant_state.shape), dtype=str(quant_state.dtype).replace("torch.", ""),
+                  blocksize=int(quant_state.blocksize), quant_type=quant_state.quant_type,
+                  code=_numpy(quant_state.code, np.float32))
+    if quant_state.nested:
+        kwargs.update(absmax=_numpy(quant_state.absmax, np.uint8),
+                      nested_absmax=_numpy(quant_state.state2.absmax, np.float32),
+                      nested_code=_numpy(quant_state.state2.code, np.float32),
+                      offset=np.float32(quant_state.offset.item()),
+                      nested_blocksize=int(quant_state.state2.blocksize))
+    else:
+        kwargs.update(absmax=_numpy(quant_state.absmax, np.float32))
+    return QuantState(**kwargs)
+
+
+def to_linear4bit_state_dict(state: QuantState, prefix: str = "weight") -> dict:
+    """The state-dict entries a ``bitsandbytes.nn.Linear4bit`` saves for its weight.
+
+    Returns a dict of torch tensors keyed ``prefix``, ``prefix.absmax``,
+    ``prefix.quant_map`` and, with double quantization, ``prefix.nested_absmax``,
+    ``prefix.nested_quant_map``; plus ``prefix.quant_state.bitsandbytes__<type>``
+    holding the JSON metadata.
+    """
+    torch = _torch()
+    if state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"Linear4bit stores only nf4 and fp4, not {state.quant_type!r}")
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 (copies: the dict owns its tensors)
+    meta = {"quant_type": state.quant_type, "blocksize": state.blocksize,
+            "dtype": state.dtype, "shape": list(state.shape)}
+    out = {prefix: t(state.packed).reshape(-1, 1), f"{prefix}.absmax": t(state.absmax),
+           f"{prefix}.quant_map": t(state.code)}
+    if state.double_quant:
+        out[f"{prefix}.nested_absmax"] = t(state.nested_absmax)
+        out[f"{prefix}.nested_quant_map"] = t(state.nested_code)
+        meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32",
+                    nested_offset=float(np.float32(state.offset)))
+    payload = json.dumps(meta).encode("utf-8")
+    out[f"{prefix}.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
+        list(payload), dtype=torch.uint8)
+    return out
+
+
+def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> QuantState:
+    """Read a Linear4bit weight from its state-dict entries (torch tensors or NumPy arrays).
+
+    Raises ``ValueError`` naming the missing key if an entry is absent.
+    """
+    meta_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if len(meta_keys) != 1:
+        raise ValueError(f"expected one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, "
+                         f"found {meta_keys or 'none'} among {sorted(state_dict)}")
+    meta = json.loads(bytes(_numpy(state_dict[meta_keys[0]], np.uint8)).decode("utf-8"))
+
+    def entry(name, dtype):
+        key = f"{prefix}.{name}" if name else prefix
+        if key not in state_dict:
+            raise ValueError(f"Linear4bit state dict lacks '{key}'")
+        return _numpy(state_dict[key], dtype)
+
+    kwargs = dict(packed=entry("", np.uint8), shape=tuple(meta["shape"]), dtype=meta["dtype"],
+                  blocksize=int(meta["blocksize"]), quant_type=meta["quant_type"],
+                  code=entry("quant_map", np.float32))
+    if "nested_offset" in meta:
+        kwargs.update(absmax=entry("absmax", np.uint8),
+                      nested_absmax=entry("nested_absmax", np.float32),
+                      nested_code=entry("nested_quant_map", np.float32),
+                      offset=np.float32(meta["nested_offset"]),
+                      nested_blocksize=int(meta["nested_blocksize"]))
+    else:
+        kwargs.update(absmax=entry("absmax", np.float32))
+    return QuantState(**kwargs)
+
+

@@ -1,0 +1,472 @@
+r"""Memory accounting: bits per parameter, bytes per tensor, bytes per fine-tuning run.
+
+Paper: Dettmers et al. (2023), "QLoRA: Efficient Finetuning of Quantized LLMs".
+
+* Section 3, "4-bit NormalFloat Quantization" and "Double Quantization": what one
+  stored weight costs, quantization constants included (:func:`bits_per_param`,
+  :func:`quantized_nbytes`). With blocksize 64 the float32 constants add
+  32/64 = 0.5 bits per weight; double quantization brings that to
+  8/64 + 32/(64 * 256) ≈ 0.127 bits, saving 0.373 bits per parameter.
+* Section 1 (">780 GB of GPU memory" for regular 16-bit finetuning of a 65B
+  model), Section 2, "Memory Requirement of Parameter-Efficient Finetuning"
+  (LoRA weights of "0.2 %" of the model), and the appendix's memory-footprint
+  breakdown for LLaMA models: what a whole run costs (:func:`finetune_memory`,
+  :func:`memory_table`).
+
+The byte layout mirrors ``bitsandbytes.functional.quantize_4bit`` (and
+``quantize_blockwise`` for 8 bits): packed codes, one absmax per block and,
+with ``compress_statistics=True``, the absmax quantized to uint8 in blocks of
+256 with their own float32 absmax, plus one float32 ``offset`` (the mean
+absmax, subtracted before the second quantization).
+
+Units: every count is in bytes, as a Python ``int``; "GB" means 1e9 bytes, the
+unit of the paper's 780 GB and 48 GB figures (:func:`format_bytes` also knows GiB).
+
+Note (what is not counted): the code tables (16 NF4 values, the 256-value
+dynamic map of the nested absmax) are shared constants and not counted, although
+bitsandbytes writes a copy of them when it serializes a tensor. Activations are
+not estimated: they depend on batch size, sequence length and gradient
+checkpointing, so they are an explicit input, 0 unless given. Paged optimizers
+(the paper's third idea) move memory to the CPU on spikes; they change no totals here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = [
+    "BLOCKWISE_BITS",
+    "PLAIN_BITS",
+    "METHODS",
+    "PROJECTIONS",
+    "LLAMA_65B",
+    "DEFAULT_LORA_FRACTION",
+    "bits_per_param",
+    "quantized_nbytes",
+    "lora_param_count",
+    "generic_lora_param_count",
+    "format_bytes",
+    "MemoryTable",
+    "MemoryComparison",
+    "finetune_memory",
+    "memory_table",
+]
+
+#: Bit widths stored blockwise with one absmax per block (NF4/FP4, blockwise 8-bit).
+BLOCKWISE_BITS = (4, 8)
+#: Bit widths stored as plain floats, with no quantization constants.
+PLAIN_BITS = (16, 32)
+METHODS = ("full", "lora", "qlora")
+
+#: Linear projections of one LLaMA decoder layer: name -> (d_in, d_out) in units of
+#: "h" (hidden size) or "i" (intermediate size). Attention then the gated MLP.
+PROJECTIONS = MappingProxyType({
+    "q": ("h", "h"), "k": ("h", "h"), "v": ("h", "h"), "o": ("h", "h"),
+    "gate": ("h", "i"), "up": ("h", "i"), "down": ("i", "h"),
+})
+
+#: LLaMA-65B shapes (Touvron et al. 2023), for ``lora_param_count(**LLAMA_65B)``.
+#: The QLoRA paper puts LoRA with r = 64 on all of these projections.
+LLAMA_65B = MappingProxyType({"hidden_size": 8192, "intermediate_size": 22016, "n_layers": 80})
+
+#: Fallback LoRA size as a fraction of the model, when the architecture is unknown:
+#: Section 2 of the paper calls 0.2 % of the original weights "commonly used".
+#: r = 64 on all seven projections of LLaMA-65B is larger, about 1.2 %.
+DEFAULT_LORA_FRACTION = 0.002
+
+_BYTES_16BIT = 2        # float16 / bfloat16 weight, adapter or gradient
+_ADAM_STATE_BYTES = 8   # Adam's two moments, float32 each
+_OFFSET_BYTES = 4       # bitsandbytes' one float32 offset per double-quantized tensor
+
+
+# ----------------------------------------------------------------------------- validation
+def _count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; integral floats such as ``65e9`` are accepted."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and not isinstance(value, numbers.Integral):
+        ok = math.isfinite(value) and float(value).is_integer()
+    if not ok or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _power_of_two(value, name: str) -> int:
+    value = _count(value, name)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+    return value
+
+
+def _check_storage(bits, blocksize, nested_blocksize, absmax_bits, nested_absmax_bits):
+    is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
+    if not is_int or bits not in BLOCKWISE_BITS + PLAIN_BITS:
+        raise ValueError(f"bits must be one of {BLOCKWISE_BITS + PLAIN_BITS}, got {bits!r}")
+    for value, name in ((absmax_bits, "absmax_bits"), (nested_absmax_bits, "nested_absmax_bits")):
+        if _count(value, name) % 8:
+            raise ValueError(f"{name} must be a whole number of bytes (a multiple of 8), got {value!r}")
+    return (_power_of_two(blocksize, "blocksize"), _power_of_two(nested_blocksize, "nested_blocksize"))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- one tensor
+def bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: bool = True,
+                   nested_blocksize: int = 256, absmax_bits: int = 32,
+                   nested_absmax_bits: int = 8) -> float:
+    r"""Storage per weight, in bits, including the quantization constants.
+
+    A blockwise code of :math:`k` bits stores one absmax per block of
+    :math:`B_1` weights. Kept as :math:`c_1`-bit floats (float32) they cost
+
+    .. math::
+
+        b = k + \frac{c_1}{B_1}.
+
+    With double quantization the absmax are themselves quantized to
+    :math:`c_2` bits (uint8) in blocks of :math:`B_2`, each block keeping one
+    :math:`c_1`-bit absmax of its own:
+
+    .. math::
+
+        b_{\mathrm{DQ}} = k + \frac{c_2}{B_1} + \frac{c_1}{B_1 B_2}.
+
+    This is the per-weight cost of a long tensor. Per-tensor terms, the one
+    float32 offset of double quantization and the rounding up of a trailing
+    partial block, shrink like :math:`1/n` and are left out here; use
+    :func:`quantized_nbytes` for the exact bytes of a tensor.
+
+    Parameters
+    ----------
+    bits : {4, 8, 16, 32}
+        Bits per stored code: 4 (NF4 or FP4), 8 (blockwise 8-bit), or 16 / 32
+        (plain floats: no constants, the other arguments are only validated).
+    blocksize : int
+        :math:`B_1`, weights per absmax; a positive power of two.
+    double_quant : bool
+        Quantize the absmax (bitsandbytes' ``compress_statistics``).
+    nested_blocksize : int
+        :math:`B_2`, absmax per second-level absmax; a positive power of two.
+    absmax_bits : int
+        :math:`c_1`, bits of an unquantized absmax (float32: 32).
+    nested_absmax_bits : int
+        :math:`c_2`, bits of a quantized absmax (uint8: 8).
+
+    Returns
+    -------
+    float
+        Bits per weight.
+
+    Examples
+    --------
+    >>> bits_per_param(double_quant=False)
+    4.5
+    >>> bits_per_param()  # NF4 as in QLoRA: 4 + 8/64 + 32/16384
+    4.126953125
+    >>> bits_per_param(bits=16)
+    16.0
+    """
+    blocksize, nested_blocksize = _check_storage(bits, blocksize, nested_blocksize,
+                                                 absmax_bits, nested_absmax_bits)
+    if bits in PLAIN_BITS:
+        return float(bits)
+    if not double_quant:
+        return bits + absmax_bits / blocksize  # eq. b
+    return (bits + nested_absmax_bits / blocksize  # eq. b_DQ
+            + absmax_bits / (blocksize * nested_blocksize))
+
+
+def quantized_nbytes(n_params: int, bits: int = 4, blocksize: int = 64, double_quant: bool = True,
+                     nested_blocksize: int = 256, absmax_bits: int = 32,
+                     nested_absmax_bits: int = 8) -> int:
+    r"""Exact bytes of one tensor of ``n_params`` elements, in bitsandbytes' layout.
+
+    A trailing partial block is a block of its own, so with
+    :math:`m = \lceil n / B_1 \rceil` first-level blocks
+
+    .. math::
+
+        \mathrm{bytes}(n) = \left\lceil \frac{n k}{8} \right\rceil
+            + \begin{cases}
+                m \, c_1 / 8 & \text{without double quantization} \\
+                m \, c_2 / 8 + \lceil m / B_2 \rceil \, c_1 / 8 + 4 & \text{with it}
+              \end{cases}
+
+    where the 4 is the float32 ``offset``. For :math:`k = 4` the first term is
+    ``(n + 1) // 2``: two codes per byte, the last byte half empty when
+    :math:`n` is odd. Plain 16/32-bit storage is just :math:`n k / 8`.
+
+    Parameters
+    ----------
+    n_params : int
+        Number of elements in the tensor, >= 1.
+    bits, blocksize, double_quant, nested_blocksize, absmax_bits, nested_absmax_bits
+        As in :func:`bits_per_param`.
+
+    Returns
+    -------
+    int
+        Bytes.
+
+    Examples
+    --------
+    >>> quantized_nbytes(4096 * 4096)  # one 4096 x 4096 NF4 matrix
+    8654852
+    >>> quantized_nbytes(65, double_quant=False)  # 33 packed bytes + 2 float32 absmax
+    41
+    """
+    n = _count(n_params, "n_params")
+    blocksize, nested_blocksize = _check_storage(bits, blocksize, nested_blocksize,
+                                                 absmax_bits, nested_absmax_bits)
+    codes = _ceil_div(n * bits, 8)  # matches bitsandbytes: 4-bit out has (n + 1) // 2 bytes
+    if bits in PLAIN_BITS:
+        return codes
+    n_blocks = _ceil_div(n, blocksize)  # a trailing partial block is its own block
+    if not double_quant:
+        return codes + n_blocks * absmax_bits // 8
+    n_nested_blocks = _ceil_div(n_blocks, nested_blocksize)
+    return (codes + n_blocks * nested_absmax_bits // 8
+            + n_nested_blocks * absmax_bits // 8 + _OFFSET_BYTES)
+
+
+# ----------------------------------------------------------------------------- adapters
+def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r: int = 64,
+                     projections=tuple(PROJECTIONS)) -> int:
+    r"""Trainable LoRA parameters of a LLaMA-style decoder.
+
+    A linear map :math:`W \in \mathbb{R}^{d_\mathrm{out} \times d_\mathrm{in}}`
+    gets :math:`A \in \mathbb{R}^{r \times d_\mathrm{in}}` and
+    :math:`B \in \mathbb{R}^{d_\mathrm{out} \times r}`, so
+
+    .. math::
+
+        N_\mathrm{LoRA} = L \sum_{p \in \mathrm{projections}} r\,(d^p_\mathrm{in} + d^p_\mathrm{out}).
+
+    Shapes follow :data:`PROJECTIONS`: q, k, v, o are ``h x h`` (no grouped-query
+    attention, as in LLaMA-1); gate and up map ``h -> i``, down ``i -> h``.
+    Embeddings and the output head get no adapters.
+
+    Parameters
+    ----------
+    hidden_size, intermediate_size, n_layers : int
+        :math:`h`, :math:`i` and :math:`L`.
+    r : int
+        LoRA rank; the paper uses 64.
+    projections : iterable of str
+        Adapted projections, from ``q k v o gate up down``; the Hugging Face
+        spelling ``q_proj`` etc. is accepted. Default: all seven, as in the paper.
+
+    Examples
+    --------
+    >>> lora_param_count(**LLAMA_65B, r=64)
+    799539200
+    """
+    sizes = {"h": _count(hidden_size, "hidden_size"), "i": _count(intermediate_size, "intermediate_size")}
+    n_layers, r = _count(n_layers, "n_layers"), _count(r, "r")
+    names = [p.removesuffix("_proj") if isinstance(p, str) else p for p in projections]
+    unknown = [p for p in names if p not in PROJECTIONS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"projections must be distinct names from {tuple(PROJECTIONS)}, got {projections!r}")
+    per_layer = sum(r * (sizes[PROJECTIONS[p][0]] + sizes[PROJECTIONS[p][1]]) for p in names)
+    return n_layers * per_layer  # eq. N_LoRA
+
+
+def generic_lora_param_count(n_params: int, fraction: float = DEFAULT_LORA_FRACTION) -> int:
+    """LoRA parameters as a fraction of the model, for when the shapes are unknown.
+
+    Returns ``round(n_params * fraction)``; see :data:`DEFAULT_LORA_FRACTION`
+    for where the default comes from.
+    """
+    n = _count(n_params, "n_params")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    return round(n * fraction)
+
+
+# ----------------------------------------------------------------------------- tables
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def _in_unit(n_bytes: int, unit: str, digits: int = 2) -> str:
+    if unit not in _UNITS:
+        raise ValueError(f"unit must be one of {tuple(_UNITS)}, got {unit!r}")
+    return f"{n_bytes / _UNITS[unit]:,.{digits}f}"
+
+
+def format_bytes(n_bytes: int, unit: str = "GB", digits: int = 2) -> str:
+    """``n_bytes`` in ``unit`` (GB = 1e9 bytes, GiB = 2**30 bytes).
+
+    Examples
+    --------
+    >>> format_bytes(780e9)
+    '780.00 GB'
+    """
+    return f"{_in_unit(n_bytes, unit, digits)} {unit}"
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """Bytes of one fine-tuning method, term by term.
+
+    Attributes
+    ----------
+    method : str
+        ``"full"``, ``"lora"`` or ``"qlora"``.
+    n_params, lora_params : int
+        Base model and adapter parameter counts.
+    rows : tuple of (str, int)
+        ``(term, bytes)`` for weights, adapters, gradients, optimizer state, activations.
+    details : tuple of str
+        How each row was computed, aligned with ``rows``.
+    """
+
+    method: str
+    n_params: int
+    lora_params: int
+    rows: tuple
+    details: tuple
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.rows)
+
+    def __getitem__(self, term: str) -> int:
+        return dict(self.rows)[term]
+
+    def to_markdown(self, unit: str = "GB") -> str:
+        """A Markdown table with one line per term and the total."""
+        lines = [f"| {self.method} | bytes | {unit} | how |", "|---|---:|---:|---|"]
+        for (term, nbytes), how in zip(self.rows, self.details):
+            lines.append(f"| {term} | {nbytes:,} | {_in_unit(nbytes, unit)} | {how} |")
+        total = self.total_bytes
+        lines.append(f"| **total** | {total:,} | {_in_unit(total, unit)} | |")
+        return "\n".join(lines)
+
+    __str__ = to_markdown
+
+
+@dataclass(frozen=True)
+class MemoryComparison:
+    """Several :class:`MemoryTable` side by side; index by method name."""
+
+    tables: tuple
+
+    def __getitem__(self, method: str) -> MemoryTable:
+        return {t.method: t for t in self.tables}[method]
+
+    def to_markdown(self, unit: str = "GB") -> str:
+        """One column per method, values in ``unit``."""
+        head = "| term | " + " | ".join(t.method for t in self.tables) + " |"
+        lines = [head, "|---|" + "---:|" * len(self.tables)]
+        for term, _ in self.tables[0].rows:
+            cells = (format_bytes(t[term], unit) for t in self.tables)
+            lines.append(f"| {term} | " + " | ".join(cells) + " |")
+        totals = (format_bytes(t.total_bytes, unit) for t in self.tables)
+        lines.append("| **total** | " + " | ".join(totals) + " |")
+        return "\n".join(lines)
+
+    __str__ = to_markdown
+
+
+def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | None = None,
+                    activation_bytes: int = 0, bits: int = 4, blocksize: int = 64,
+                    double_quant: bool = True, nested_blocksize: int = 256) -> MemoryTable:
+    r"""GPU memory to fine-tune an ``n_params`` model with Adam, term by term.
+
+    With :math:`N` base and :math:`N_L` LoRA parameters:
+
+    .. math::
+
+        \begin{aligned}
+        \text{full:}  &\quad 2N + 2N + 8N = 12N \\
+        \text{lora:}  &\quad 2N + 12 N_L \\
+        \text{qlora:} &\quad \mathrm{bytes}_\mathrm{NF4}(N) + 12 N_L
+        \end{aligned}
+
+    2 bytes for each 16-bit weight, adapter weight and gradient; 8 bytes of
+    Adam state (two float32 moments) per trained parameter; the frozen
+    base has neither gradients nor optimizer state. For 65e9 parameters the
+    full line gives 780e9 bytes, the paper's ">780 GB" (the lower bound: mixed
+    precision usually adds a float32 master copy, 4 more bytes per parameter).
+
+    Note (QLoRA base): the whole base is counted as one NF4 tensor with
+    :func:`quantized_nbytes`; real models keep a partial block and an offset
+    per matrix (a few bytes each) and often leave embeddings and output head
+    in 16-bit, which this does not model.
+
+    Parameters
+    ----------
+    n_params : int
+        Base model parameters (``65e9`` is accepted).
+    method : {"qlora", "lora", "full"}
+    lora_params : int, optional
+        Trainable adapter parameters, e.g. from :func:`lora_param_count`.
+        Default: :func:`generic_lora_param_count` (0.2 % of ``n_params``).
+        Must be left out for ``"full"``.
+    activation_bytes : int
+        Activations and their gradients, which are not estimated: 0 unless given.
+    bits, blocksize, double_quant, nested_blocksize
+        Storage of the QLoRA base, as in :func:`quantized_nbytes`; ignored otherwise.
+
+    Returns
+    -------
+    MemoryTable
+    """
+    n = _count(n_params, "n_params")
+    activation_bytes = _count(activation_bytes, "activation_bytes", minimum=0)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "full":
+        if lora_params is not None:
+            raise ValueError("lora_params must be None for method='full': every weight is trained")
+        trained, n_lora, weights = n, 0, _BYTES_16BIT * n
+        weights_how, adapters_how = "16-bit, 2 B/param", "none"
+    else:
+        n_lora = (generic_lora_param_count(n) if lora_params is None
+                  else _count(lora_params, "lora_params", minimum=0))
+        trained, adapters_how = n_lora, f"16-bit, 2 B x {n_lora:,}"
+        if method == "lora":
+            weights, weights_how = _BYTES_16BIT * n, "16-bit, 2 B/param, frozen"
+        else:
+            weights = quantized_nbytes(n, bits=bits, blocksize=blocksize, double_quant=double_quant,
+                                       nested_blocksize=nested_blocksize)
+            bpp = bits_per_param(bits=bits, blocksize=blocksize, double_quant=double_quant,
+                                 nested_blocksize=nested_blocksize)
+            weights_how = f"{bits}-bit blockwise, {bpp:.4g} bits/param, frozen"
+    rows = (("weights", weights),
+            ("adapters (LoRA weights)", _BYTES_16BIT * n_lora),
+            ("gradients", _BYTES_16BIT * trained),
+            ("optimizer state", _ADAM_STATE_BYTES * trained),
+            ("activations", activation_bytes))
+    details = (weights_how, adapters_how,
+               f"16-bit, 2 B x {trained:,} trained params",
+               f"Adam, 2 x float32 = 8 B x {trained:,}",
+               "given" if activation_bytes else "not estimated (0 unless given)")
+    return MemoryTable(method=method, n_params=n, lora_params=n_lora, rows=rows, details=details)
+
+
+def memory_table(n_params: int, *, lora_params: int | None = None, activation_bytes: int = 0,
+                 **storage) -> MemoryComparison:
+    """:func:`finetune_memory` for ``"full"``, ``"lora"`` and ``"qlora"``, side by side.
+
+    ``lora_params`` goes to the two LoRA methods, ``storage`` (``bits``,
+    ``blocksize``, ...) to QLoRA's base.
+
+    Examples
+    --------
+    >>> t = memory_table(65e9, lora_params=lora_param_count(**LLAMA_65B))
+    >>> t["full"].total_bytes
+    780000000000
+    >>> t["qlora"].total_bytes < 48e9
+    True
+    """
+    return MemoryComparison(tables=(
+        finetune_memory(n_params, "full", activation_bytes=activation_bytes),
+        finetune_memory(n_params, "lora", lora_params=lora_params, activation_bytes=activation_bytes),
+        finetune_memory(n_params, "qlora", lora_params=lora_params,
+                        activation_bytes=activation_bytes, **storage),
+    ))

@@ -1,0 +1,192 @@
+"""Pretrain the tiny base GPT, and save/load it as safetensors.
+
+QLoRA starts from a pretrained model (LLaMA in Dettmers et al. 2023, sec. 4).
+Ours is a small :class:`~qlora_ref.train.gpt.GPT` trained from scratch on
+the PRETRAIN tasks of :mod:`qlora_ref.train.tasks` (copy, reverse,
+increment) with AdamW, linear warm-up and cosine decay, nanoGPT-style. One
+such model ships with the package (``qlora_ref/assets/base_model.safetensors``)
+so fine-tuning never needs this step; see ``qlora_ref/assets/README.md`` for
+the command that made it and its accuracies.
+
+Everything is deterministic from ``seed`` on a given machine: torch's
+initialisation uses ``torch.manual_seed(seed)`` and batches come from
+``numpy.random.default_rng(seed)``.
+"""
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .gpt import GPT, GPTConfig
+from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_batch
+
+__all__ = [
+    "default_config", "pretrain", "save_base_model", "load_base_model",
+    "default_base_model_path",
+]
+
+_CONFIG_KEY = "gpt_config"  # safetensors metadata key holding GPTConfig as JSON
+
+
+def default_config():
+    """The size of the shipped base model (about 0.8 M parameters)."""
+    return GPTConfig(vocab_size=len(VOCAB), block_size=32, n_layer=4, n_head=4, n_embd=128)
+
+
+def _lr_at(step, steps, lr, warmup):
+    """Linear warm-up to ``lr``, then cosine decay to ``lr / 10``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def pretrain(config=None, steps=3000, batch_size=64, lr=2e-3, seed=0, device="cpu",
+             progress=True, task="pretrain", weight_decay=0.01, warmup=100):
+    """Train a GPT from scratch on a task (by default the PRETRAIN mixture).
+
+    Parameters
+    ----------
+    config : GPTConfig, optional
+        Model size; default :func:`default_config`.
+    steps : int, default 3000
+        Optimizer steps.
+    batch_size : int, default 64
+        Examples per step.
+    lr : float, default 2e-3
+        Peak AdamW learning rate (warm-up, then cosine decay to ``lr / 10``).
+    seed : int, default 0
+        Seeds torch (initialisation) and numpy (batches).
+    device : str or torch.device, default "cpu"
+    progress : bool, default True
+        Print the loss every few hundred steps and accuracies at the end.
+    task : str, default "pretrain"
+        Training task name from ``TASKS``.
+    weight_decay : float, default 0.01
+    warmup : int, default 100
+        Warm-up steps.
+
+    Returns
+    -------
+    GPT
+        The trained model, in eval mode, on ``device``.
+    """
+    config = config or default_config()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = GPT(config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        x, y, m = (t.to(device) for t in make_batch(task, batch_size, rng, config.block_size))
+        _, loss = model(x, y, m)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if progress and (step % 250 == 0 or step == steps - 1):
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f}s")
+    model.eval()
+    if progress:
+        for name in (*PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK):
+            r = evaluate(model, name)
+            print(f"{name:>10s}: accuracy {r['accuracy']:.3f}  loss {r['loss']:.4f}")
+    return model
+
+
+def default_base_model_path():
+    """Path of the base model shipped as package data.
+
+    Returns
+    -------
+    pathlib.Path
+        ``qlora_ref/assets/base_model.safetensors``.
+    """
+    return Path(__file__).resolve().parent.parent / "assets" / "base_model.safetensors"
+
+
+def save_base_model(model, path):
+    """Write a GPT's weights and config to a safetensors file.
+
+    Parameters
+    ----------
+    model : GPT
+        A plain (not LoRA-wrapped) model.
+    path : str or pathlib.Path
+        Output file; its folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {_CONFIG_KEY: json.dumps(asdict(model.config)), "format": "pt"}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_base_model(path=None, device="cpu"):
+    """Read a GPT written by :func:`save_base_model`.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path, optional
+        File to read; default :func:`default_base_model_path`.
+    device : str or torch.device, default "cpu"
+
+    Returns
+    -------
+    GPT
+        In eval mode, weights bit-identical to the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not a readable safetensors file with a GPT config and
+        matching weights.
+    """
+    path = Path(path) if path is not None else default_base_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"no base model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        config = GPTConfig(**json.loads(metadata[_CONFIG_KEY]))
+        state = load_file(str(path))
+        model = GPT(config)
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError,
+            json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a valid qlora_ref base model: {e}") from e
+    return model.to(device).eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the tiny base GPT and save it.")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(default_base_model_path()))
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    model = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, device=args.device)
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    save_base_model(model, args.out)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Input checks shared by the quantization functions.
+
+Public functions validate here, then call a kernel (NumPy or Cython) that
+assumes clean input, the way bitsandbytes' ``functional`` module validates
+before calling its ops. Every failure is a ``ValueError`` that names the
+problem; nothing reaches a kernel that could crash or return garbage.
+
+Torch tensors are accepted without importing torch: we recognise them by
+their type's module and convert through ``.float().numpy()``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "as_float32_flat", "check_blocksize",
+           "check_quant_type", "dtype_name"]
+
+#: Blocksizes bitsandbytes accepts for 4-bit quantization (powers of two).
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: The 4-bit data types this package implements.
+QUANT_TYPES = ("nf4", "fp4", "int4")
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_torch_tensor(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
+def dtype_name(x) -> str:
+    """The dtype of a NumPy array or torch tensor as a short string, e.g. ``"bfloat16"``."""
+    if _is_torch_tensor(x):
+        return str(x.dtype).replace("torch.", "")
+    return np.asarray(x).dtype.name
+
+
+def as_float32_flat(x, what: str = "input") -> tuple[np.ndarray, tuple[int, ...], str]:
+    """Validate ``x`` and return it flattened as float32, with its shape and dtype name.
+
+    float16 and bfloat16 convert to float32 exactly; float64 is rounded to
+    float32 once (bitsandbytes' kernels compute in float32 too).
+
+    Raises
+    ------
+    ValueError
+        If ``x`` is empty, not a floating dtype (integer, bool, complex),
+        or holds NaN or infinity.
+    """
+    name = dtype_name(x)
+    if name not in _FLOAT_NAMES:
+        raise ValueError(
+            f"{what} must be a floating-point array (one of {', '.join(_FLOAT_NAMES)}); "
+            f"got dtype {name}")
+    if _is_torch_tensor(x):
+        shape = tuple(int(s) for s in x.shape)
+        flat = x.detach().to("cpu").reshape(-1).float().numpy()
+    else:
+        x = np.asarray(x)
+        shape = tuple(x.shape)
+        flat = x.reshape(-1).astype(np.float32, copy=False)
+    if flat.size == 0:
+        raise ValueError(f"{what} is empty (shape {shape}); there is nothing to quantize")
+    if not np.isfinite(flat).all():
+        bad = int(np.count_nonzero(~np.isfinite(flat)))
+        raise ValueError(
+            f"{what} holds {bad} NaN or infinite value(s); quantization needs finite numbers")
+    return np.ascontiguousarray(flat), shape, name
+
+
+def check_blocksize(blocksize, valid=VALID_BLOCKSIZES) -> int:
+    """Return ``blocksize`` as an int if it is one of ``valid``, else raise ``ValueError``."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) \
+            or int(blocksize) not in valid:
+        raise ValueError(f"blocksize must be one of {valid}; got {blocksize!r}")
+    return int(blocksize)
+
+
+def check_quant_type(quant_type) -> str:
+    """Return ``quant_type`` if it is a known 4-bit type, else raise ``ValueError``."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}; got {quant_type!r}")
+    return quant_type

@@ -1,0 +1,77 @@
+"""Build script for the optional Cython extension ``qlora_ref._kernels.quant4``.
+
+Metadata lives in pyproject.toml. This file only adds the extension:
+
+* compiled with OpenMP (``-fopenmp``) when the compiler accepts it, else
+  without it (``prange`` then runs serially);
+* always with ``-ffp-contract=off`` so float32 ``a * b + c`` is not fused
+  into an FMA (it would round once where NumPy rounds twice);
+* ``QLORA_REF_NATIVE=1`` adds ``-march=native`` (opt-in, not portable);
+* if Cython or a compiler is missing, the package installs without the
+  extension and runs on the NumPy reference (``QLORA_REF_REQUIRE_CYTHON=1``
+  turns that into an error, as CI does).
+"""
+import os
+import sys
+import tempfile
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+
+def _compiler_accepts(compiler, flags) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            objects = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            compiler.link_executable(objects, os.path.join(tmp, "probe"), extra_postargs=flags)
+        except Exception:
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    """Add OpenMP when available; fall back to a pure-Python install when the build fails."""
+
+    def build_extensions(self):
+        omp = ["-fopenmp"] if self.compiler.compiler_type == "unix" else ["/openmp"]
+        use_omp = os.environ.get("QLORA_REF_OPENMP", "1") != "0" and _compiler_accepts(self.compiler, omp)
+        for ext in self.extensions:
+            if self.compiler.compiler_type == "unix":
+                ext.extra_compile_args += ["-O3", "-ffp-contract=off"]
+                if os.environ.get("QLORA_REF_NATIVE") == "1":
+                    ext.extra_compile_args.append("-march=native")
+            if use_omp:
+                ext.extra_compile_args += omp
+                ext.extra_link_args += omp
+        print(f"qlora_ref: building the Cython kernels {'with' if use_omp else 'without'} OpenMP")
+        super().build_extensions()
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler: the NumPy reference still works
+            if os.environ.get("QLORA_REF_REQUIRE_CYTHON"):
+                raise
+            print(f"qlora_ref: WARNING: the Cython extension was not built ({exc}); "
+                  "the NumPy reference will be used", file=sys.stderr)
+
+
+def extensions():
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        if os.environ.get("QLORA_REF_REQUIRE_CYTHON"):
+            raise
+        print("qlora_ref: WARNING: Cython not found; installing without the extension",
+              file=sys.stderr)
+        return []
+    from setuptools import Extension
+
+    ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"])
+    return cythonize([ext], compiler_directives={"language_level": 3})
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

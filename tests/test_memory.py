@@ -1,0 +1,257 @@
+"""Specification of qlora_ref.memory: bits per parameter, tensor bytes, fine-tuning footprints.
+
+Figures from Dettmers et al. (2023), QLoRA: 0.5 -> 0.127 bits of constants
+(0.373 saved) in "Double Quantization"; ">780 GB" for 16-bit fine-tuning of a
+65B model and "a single 48GB GPU" for QLoRA of the same model.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlora_ref.memory import (
+    LLAMA_65B, bits_per_param, finetune_memory, format_bytes, generic_lora_param_count,
+    lora_param_count, memory_table, quantized_nbytes,
+)
+
+powers_of_two = st.integers(0, 12).map(lambda e: 2**e)
+blockwise_bits = st.sampled_from([4, 8])
+
+# LLaMA-65B counted from its shapes (vocab 32000): 80 layers of attention, MLP and
+# two RMSNorms, plus input embedding, output head and the final norm.
+LLAMA_65B_N_PARAMS = 80 * (4 * 8192**2 + 3 * 8192 * 22016 + 2 * 8192) + 2 * 32000 * 8192 + 8192
+# r = 64 on q, k, v, o (8192 -> 8192) and gate, up, down (8192 <-> 22016), 80 layers.
+LLAMA_65B_LORA = 80 * (4 * 64 * (8192 + 8192) + 3 * 64 * (8192 + 22016))
+
+
+# ----------------------------------------------------------------------------- bits_per_param
+def test_float32_absmax_per_64_weights_costs_half_a_bit():
+    assert bits_per_param(bits=4, blocksize=64, double_quant=False) == 4.5
+
+
+def test_double_quantization_at_blocksize_64_costs_4_127_bits():
+    bpp = bits_per_param(bits=4, blocksize=64, double_quant=True, nested_blocksize=256)
+    assert bpp == 4 + 8 / 64 + 32 / (64 * 256) == 4.126953125
+    assert round(bpp, 3) == 4.127
+
+
+def test_double_quantization_saves_the_papers_0_373_bits():
+    saved = bits_per_param(double_quant=False) - bits_per_param(double_quant=True)
+    assert saved == 0.373046875
+    assert round(saved, 3) == 0.373
+
+
+def test_blockwise_8_bit_pays_the_same_constants_as_4_bit():
+    assert bits_per_param(bits=8, blocksize=4096, double_quant=False) == 8 + 32 / 4096
+    assert bits_per_param(bits=8) - bits_per_param(bits=4) == 4
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_plain_floats_have_no_quantization_constants(bits, double_quant):
+    assert bits_per_param(bits=bits, double_quant=double_quant) == bits
+
+
+@given(bits=blockwise_bits, blocksize=powers_of_two, nested=powers_of_two, double_quant=st.booleans())
+def test_larger_blocks_cost_fewer_bits(bits, blocksize, nested, double_quant):
+    small = bits_per_param(bits, blocksize, double_quant, nested)
+    assert bits_per_param(bits, 2 * blocksize, double_quant, nested) < small
+    if double_quant:
+        assert bits_per_param(bits, blocksize, double_quant, 2 * nested) < small
+    assert small > bits  # constants never come for free
+
+
+@given(bits=blockwise_bits, blocksize=powers_of_two, nested=powers_of_two.filter(lambda b: b >= 2))
+def test_double_quantization_saves_bits_once_nested_blocks_hold_two_absmax(bits, blocksize, nested):
+    # 8/B1 + 32/(B1 B2) < 32/B1  <=>  B2 > 4/3
+    assert bits_per_param(bits, blocksize, True, nested) < bits_per_param(bits, blocksize, False, nested)
+
+
+# ----------------------------------------------------------------------------- quantized_nbytes
+def layout_nbytes(n, bits, blocksize, double_quant, nested_blocksize):
+    """Build bitsandbytes' arrays for n elements with NumPy and add up their .nbytes."""
+    x = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    codes = np.zeros(n + n % 2 if bits == 4 else n, dtype=np.uint8)
+    if bits == 4:
+        codes = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),) two nibbles per byte
+    absmax = np.maximum.reduceat(np.abs(x), np.arange(0, n, blocksize))  # (n_blocks,) float32
+    arrays = [codes, absmax]
+    if double_quant:
+        offset = np.float32(absmax.mean())
+        nested = np.maximum.reduceat(np.abs(absmax - offset), np.arange(0, absmax.size, nested_blocksize))
+        arrays = [codes, absmax.astype(np.uint8), nested, np.array([offset])]  # uint8 absmax, float32 rest
+    return sum(a.nbytes for a in arrays)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300_000), bits=blockwise_bits, blocksize=powers_of_two,
+       nested=powers_of_two, double_quant=st.booleans())
+def test_quantized_nbytes_equals_the_bytes_of_the_arrays(n, bits, blocksize, nested, double_quant):
+    expected = layout_nbytes(n, bits, blocksize, double_quant, nested)
+    got = quantized_nbytes(n, bits=bits, blocksize=blocksize, double_quant=double_quant,
+                           nested_blocksize=nested)
+    assert got == expected, f"n={n}: {got} bytes, arrays hold {expected}"
+
+
+@given(bits=blockwise_bits, blocksize=powers_of_two, nested=powers_of_two,
+       n_full_blocks=st.integers(1, 1000), double_quant=st.booleans())
+def test_whole_blocks_cost_exactly_bits_per_param_plus_the_offset(bits, blocksize, nested,
+                                                                  n_full_blocks, double_quant):
+    n = n_full_blocks * blocksize * nested * 2  # no partial block at either level, even n
+    nbytes = quantized_nbytes(n, bits, blocksize, double_quant, nested)
+    offset_bits = 32 if double_quant else 0
+    assert 8 * nbytes == bits_per_param(bits, blocksize, double_quant, nested) * n + offset_bits
+
+
+@given(n=st.integers(1, 10**12))
+def test_exact_bytes_exceed_bits_per_param_only_by_per_tensor_terms(n):
+    slack = quantized_nbytes(n) - bits_per_param() * n / 8
+    # bound: < 1 B of nibbles + 1 B uint8 absmax + 4 B float32 absmax, plus the 4 B offset
+    assert 0 <= slack < 10, f"n={n}: {slack} bytes over bits_per_param, bound is 10"
+
+
+def test_a_single_weight_still_pays_a_whole_byte_and_block():
+    assert quantized_nbytes(1, double_quant=False) == 1 + 4  # half-empty byte + float32 absmax
+    assert quantized_nbytes(1) == 1 + 1 + 4 + 4  # byte + uint8 absmax + float32 absmax + offset
+
+
+def test_a_partial_block_is_its_own_block():
+    assert quantized_nbytes(65, double_quant=False) == 33 + 2 * 4
+    assert quantized_nbytes(64, double_quant=False) == 32 + 1 * 4
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_plain_floats_take_n_times_their_width(bits):
+    assert quantized_nbytes(1001, bits=bits) == 1001 * bits // 8
+
+
+# ----------------------------------------------------------------------------- LoRA size
+def test_llama_65b_lora_r64_on_all_seven_projections():
+    assert lora_param_count(**LLAMA_65B, r=64) == LLAMA_65B_LORA == 799_539_200
+
+
+def test_lora_count_accepts_hugging_face_names_and_adds_up_per_projection():
+    one_layer = dict(hidden_size=8, intermediate_size=20, n_layers=1, r=2)
+    assert lora_param_count(**one_layer, projections=["q_proj", "v_proj"]) == 2 * 2 * (8 + 8)
+    parts = sum(lora_param_count(**one_layer, projections=[p]) for p in "q k v o gate up down".split())
+    assert lora_param_count(**one_layer) == parts == 4 * 2 * 16 + 3 * 2 * 28
+
+
+def test_generic_lora_fallback_is_the_papers_0_2_percent():
+    assert generic_lora_param_count(65e9) == 130_000_000
+    assert finetune_memory(65e9, "qlora").lora_params == 130_000_000
+
+
+# ----------------------------------------------------------------------------- footprints
+def test_full_16_bit_finetuning_of_65b_is_the_papers_780_gb():
+    table = finetune_memory(65e9, "full")
+    assert table["weights"] == table["gradients"] == 2 * 65 * 10**9
+    assert table["optimizer state"] == 8 * 65 * 10**9
+    assert table.total_bytes == 780 * 10**9  # 12 bytes/param; the paper says ">780 GB"
+
+
+@pytest.mark.parametrize("n_params", [65e9, LLAMA_65B_N_PARAMS])
+def test_qlora_of_llama_65b_fits_a_48_gb_gpu(n_params):
+    table = finetune_memory(n_params, "qlora", lora_params=lora_param_count(**LLAMA_65B))
+    assert table.total_bytes < 48e9, f"{format_bytes(table.total_bytes)} is not below 48 GB"
+
+
+def test_qlora_of_65b_term_by_term():
+    table = finetune_memory(65e9, "qlora", lora_params=LLAMA_65B_LORA)
+    assert dict(table.rows) == {
+        "weights": 32_500_000_000 + 1_015_625_000 + 4 * 3_967_286 + 4,  # nibbles, uint8 absmax, fp32, offset
+        "adapters (LoRA weights)": 2 * LLAMA_65B_LORA,
+        "gradients": 2 * LLAMA_65B_LORA,
+        "optimizer state": 8 * LLAMA_65B_LORA,
+        "activations": 0,
+    }
+    assert table.total_bytes == 43_125_964_548
+
+
+def test_lora_keeps_the_16_bit_base_and_trains_only_adapters():
+    table = finetune_memory(65e9, "lora", lora_params=LLAMA_65B_LORA)
+    assert table.total_bytes == 130 * 10**9 + 12 * LLAMA_65B_LORA
+
+
+@given(n=st.integers(1, 10**12))
+def test_qlora_differs_from_lora_only_in_the_quantized_base(n):
+    lora, qlora = finetune_memory(n, "lora"), finetune_memory(n, "qlora")
+    assert (lora["weights"], qlora["weights"]) == (2 * n, quantized_nbytes(n))
+    assert [r for r in lora.rows if r[0] != "weights"] == [r for r in qlora.rows if r[0] != "weights"]
+
+
+def test_activations_are_zero_unless_given_and_then_add_to_the_total():
+    assert finetune_memory(10**9)["activations"] == 0
+    with_acts = finetune_memory(10**9, activation_bytes=123)
+    assert with_acts.total_bytes == finetune_memory(10**9).total_bytes + 123
+
+
+def test_memory_table_puts_the_three_methods_side_by_side():
+    both = memory_table(65e9, lora_params=LLAMA_65B_LORA, activation_bytes=7)
+    assert [t.method for t in both.tables] == ["full", "lora", "qlora"]
+    for method in ("full", "lora", "qlora"):
+        alone = finetune_memory(65e9, method, activation_bytes=7,
+                                lora_params=None if method == "full" else LLAMA_65B_LORA)
+        assert both[method] == alone
+    text = str(both)
+    assert "780.00 GB" in text and "43.13 GB" in text
+
+
+def test_table_prints_every_term_and_the_total():
+    table = finetune_memory(65e9, "qlora", lora_params=LLAMA_65B_LORA)
+    text = table.to_markdown()
+    assert str(table) == text
+    for term in ("weights", "adapters (LoRA weights)", "gradients", "optimizer state", "activations"):
+        assert f"| {term} |" in text
+    assert "| **total** | 43,125,964,548 | 43.13 |" in text
+
+
+def test_format_bytes_uses_decimal_gb_and_binary_gib():
+    assert format_bytes(780e9) == "780.00 GB"
+    assert format_bytes(2**30, "GiB") == "1.00 GiB"
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("call, name", [
+    (lambda: bits_per_param(blocksize=0), "blocksize"),
+    (lambda: bits_per_param(blocksize=63), "blocksize"),
+    (lambda: bits_per_param(blocksize=-64), "blocksize"),
+    (lambda: bits_per_param(blocksize=64.5), "blocksize"),
+    (lambda: bits_per_param(nested_blocksize=100), "nested_blocksize"),
+    (lambda: bits_per_param(bits=3), "bits"),
+    (lambda: bits_per_param(bits=4.0), "bits"),
+    (lambda: bits_per_param(absmax_bits=12), "absmax_bits"),
+    (lambda: bits_per_param(nested_absmax_bits=0), "nested_absmax_bits"),
+    (lambda: quantized_nbytes(0), "n_params"),
+    (lambda: quantized_nbytes(1.5), "n_params"),
+    (lambda: quantized_nbytes(True), "n_params"),
+    (lambda: finetune_memory(-1), "n_params"),
+    (lambda: finetune_memory(10**9, "qlora4"), "method"),
+    (lambda: finetune_memory(10**9, lora_params=-1), "lora_params"),
+    (lambda: finetune_memory(10**9, "full", lora_params=10), "lora_params"),
+    (lambda: finetune_memory(10**9, activation_bytes=-1), "activation_bytes"),
+    (lambda: finetune_memory(10**9, blocksize=48), "blocksize"),
+    (lambda: lora_param_count(**LLAMA_65B, r=0), "r"),
+    (lambda: lora_param_count(**LLAMA_65B, projections=["qq"]), "projections"),
+    (lambda: lora_param_count(**LLAMA_65B, projections=["q", "q_proj"]), "projections"),
+    (lambda: lora_param_count(hidden_size=0, intermediate_size=1, n_layers=1), "hidden_size"),
+    (lambda: generic_lora_param_count(10**9, fraction=0), "fraction"),
+    (lambda: format_bytes(1, unit="gb"), "unit"),
+])
+def test_invalid_inputs_raise_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} "):
+        call()
+
+
+def test_memory_module_does_not_import_torch():
+    path = Path(__file__).parents[1] / "qlora_ref" / "memory.py"
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('memory', {str(path)!r})\n"
+            "module = sys.modules['memory'] = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "memory.py imported torch"
