@@ -24,7 +24,9 @@ block; the parity tests bound that.)
 
 Note (zero blocks): an all-zero block has :math:`c_b = 0`. Its scale is
 taken as :math:`1/\max(c_b, 10^{-38})`, so it quantizes to the code of 0 and
-dequantizes to exact zeros, never NaN.
+dequantizes to exact zeros, never NaN. (The same clamp, from bitsandbytes,
+means a block of float32 subnormals, :math:`c_b < 10^{-38}`, is scaled by
+:math:`10^{38}` rather than :math:`1/c_b`: finite, but coarser.)
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import json
 
 import numpy as np
 
+from ..codebooks import code_for
 from ..quant_state import QuantState
 
 __all__ = ["to_bitsandbytes", "from_bitsandbytes", "to_linear4bit_state_dict",
@@ -42,6 +43,20 @@ def _numpy(x, dtype) -> np.ndarray:
     if x.dtype != dtype:
         raise ValueError(f"expected a {np.dtype(dtype).name} array, got {x.dtype}")
     return x.reshape(-1).copy()
+
+
+def _checked_code(stored, quant_type: str) -> np.ndarray:
+    """Our codebook for ``quant_type``, after checking a stored table equals it as numbers.
+
+    bitsandbytes stores FP4's code 0b1000 as +0.0 although its kernels decode
+    it as -0.0 (see :func:`qlora_ref.fp4_code`); we keep the kernels' meaning.
+    """
+    ours = code_for(quant_type)
+    stored = _numpy(stored, np.float32)
+    if stored.shape != ours.shape or not np.array_equal(stored, ours):
+        raise ValueError(f"the stored {quant_type} table differs from the standard one: "
+                         f"{stored.tolist()}")
+    return ours
 
 
 def to_bitsandbytes(state: QuantState, device="cpu"):
@@ -83,7 +98,7 @@ def from_bitsandbytes(packed, quant_state) -> QuantState:
     kwargs = dict(packed=_numpy(packed, np.uint8),
                   shape=tuple(quant_state.shape), dtype=str(quant_state.dtype).replace("torch.", ""),
                   blocksize=int(quant_state.blocksize), quant_type=quant_state.quant_type,
-                  code=_numpy(quant_state.code, np.float32))
+                  code=_checked_code(quant_state.code, quant_state.quant_type))
     if quant_state.nested:
         kwargs.update(absmax=_numpy(quant_state.absmax, np.uint8),
                       nested_absmax=_numpy(quant_state.state2.absmax, np.float32),
@@ -141,7 +156,7 @@ def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> Quan
 
     kwargs = dict(packed=entry("", np.uint8), shape=tuple(meta["shape"]), dtype=meta["dtype"],
                   blocksize=int(meta["blocksize"]), quant_type=meta["quant_type"],
-                  code=entry("quant_map", np.float32))
+                  code=_checked_code(entry("quant_map", np.float32), meta["quant_type"]))
     if "nested_offset" in meta:
         kwargs.update(absmax=entry("absmax", np.uint8),
                       nested_absmax=entry("nested_absmax", np.float32),

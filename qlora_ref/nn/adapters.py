@@ -1,0 +1,217 @@
+r"""Adapters on disk in PEFT's format: ``save_adapter`` and ``load_adapter``.
+
+What QLoRA fine-tuning produces is only the adapters,
+:math:`\{(\mathbf A_\ell, \mathbf B_\ell)\}` and the scaling
+:math:`s = \alpha / r` (a few MB, against GB for the base). Saved in PEFT's
+layout, the rest of the ecosystem opens them
+(``peft.PeftModel.from_pretrained``, ``transformers``' ``load_adapter``,
+serving stacks), and adapters trained with PEFT load here::
+
+    directory/
+        adapter_config.json            {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                        "target_modules": [<module paths>], ...}
+        adapter_model.safetensors      base_model.model.<module path>.lora_A.weight  (r, in)
+                                       base_model.model.<module path>.lora_B.weight  (out, r)
+
+Mirrors ``peft.PeftModel.save_pretrained`` / ``from_pretrained`` for LoRA
+(``get_peft_model_state_dict`` strips the adapter name ``default`` from the
+keys; ``rank_pattern`` / ``alpha_pattern`` hold per-layer exceptions).
+``target_modules`` is written as the full module paths, which PEFT matches
+exactly (it does the same for ``"all-linear"``).
+
+Note (what is refused): PEFT options that change the layer's formula --
+rsLoRA (:math:`s = \alpha/\sqrt r`), DoRA, ``fan_in_fan_out``, trained
+biases, ``modules_to_save`` -- raise ``ValueError`` on load rather than
+load into a layer that would compute something else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .lora import LoRALinear, lora_scaling
+from .model import prepare_model
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "adapter_key"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?:(?P<path>.+)\.)?lora_(?P<which>[AB])\.weight$")
+
+
+def adapter_key(path: str, which: str) -> str:
+    """PEFT's state-dict key for ``lora_A`` / ``lora_B`` (``which`` is ``"A"`` or ``"B"``) of module ``path``."""
+    return f"{_PREFIX}{path + '.' if path else ''}lora_{which}.weight"
+
+
+def _lora_layers(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters of ``model`` to ``directory`` in PEFT's layout.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with :class:`~qlora_ref.nn.LoRALinear` layers (from :func:`~qlora_ref.prepare_model`).
+    directory : path
+        Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` go in it.
+    base_model_name_or_path : str, optional
+        Recorded in the config, as PEFT does (``from_pretrained`` does not need it).
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
+    """
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRALinear layers; nothing to save "
+                         "(use qlora_ref.prepare_model first)")
+    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
+    alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha,
+        "lora_dropout": Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0],
+        "target_modules": sorted(layers),
+        "rank_pattern": {name: m.r for name, m in layers.items() if m.r != r},
+        "alpha_pattern": {name: m.lora_alpha for name, m in layers.items() if m.lora_alpha != alpha},
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        tensors[adapter_key(name, "A")] = m.lora_A.detach().cpu().contiguous().clone()  # (r, in)
+        tensors[adapter_key(name, "B")] = m.lora_B.detach().cpu().contiguous().clone()  # (out, r)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def _read(directory: Path) -> tuple[dict, dict]:
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory} has no {name}; is it a PEFT LoRA adapter directory?")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
+    refused = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+               "bias": "none", "lora_bias": False, "modules_to_save": None}
+    for key, fine in refused.items():
+        value = config.get(key, fine)
+        if value != fine and not (fine is None and not value):
+            raise ValueError(f"{directory}: {key}={config[key]!r} is not supported by qlora_ref "
+                             f"(only {key}={fine!r}); the layers would compute something else")
+    weights = {}
+    for key, tensor in load_file(str(directory / WEIGHTS_NAME)).items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"{directory}: unexpected tensor {key!r}; expected only "
+                             "'base_model.model.<module path>.lora_A.weight' / '.lora_B.weight'")
+        weights.setdefault(match["path"] or "", {})[match["which"]] = tensor
+    return config, weights
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a path suffix (as a regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True,
+                 **prepare_kwargs) -> nn.Module:
+    """Load a PEFT LoRA adapter (saved by :func:`save_adapter` or by PEFT) into ``model``.
+
+    If ``model`` has no LoRA layers yet, the layers named in the adapter are
+    prepared first with :func:`~qlora_ref.prepare_model` (``prepare_kwargs``
+    choose the base, e.g. ``quant_type="nf4"``; default a 16-bit base), with
+    each layer's rank taken from the saved tensors.
+
+    Each layer's ``lora_alpha``, ``scaling`` and ``lora_dropout`` are set from
+    the adapter config.
+
+    Parameters
+    ----------
+    model : nn.Module
+    directory : path
+    strict : bool
+        Also require every LoRA layer of ``model`` to have weights in the adapter.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` (changed in place).
+
+    Raises
+    ------
+    ValueError
+        On a tensor whose shape differs from the layer's (naming the layer
+        and both shapes), weights for a layer the model lacks, or missing
+        layers when ``strict``.
+    """
+    directory = Path(directory)
+    config, weights = _read(directory)
+    default_r, default_alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    dropout = float(config.get("lora_dropout", 0.0))
+
+    if not _lora_layers(model):
+        prepare_kwargs.setdefault("quant_type", None)
+        model = prepare_model(model, r=default_r, lora_alpha=default_alpha, lora_dropout=dropout,
+                              target_modules="|".join(map(re.escape, sorted(weights))),
+                              **prepare_kwargs)
+        for name, layer in _lora_layers(model).items():  # a rank from rank_pattern
+            r = _pattern_value(rank_pattern, name, default_r)
+            if r != layer.r:
+                new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout)
+                new.name = name
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, new)
+
+    layers = _lora_layers(model)
+    unknown = sorted(set(weights) - set(layers))
+    if unknown:
+        raise ValueError(f"{directory}: adapter has weights for {unknown}, which are not LoRA "
+                         f"layers of the model (its LoRA layers: {sorted(layers)})")
+    missing = sorted(set(layers) - set(weights))
+    if strict and missing:
+        raise ValueError(f"{directory}: adapter has no weights for the model's LoRA layers "
+                         f"{missing} (pass strict=False to leave them as they are)")
+    for name, pair in sorted(weights.items()):
+        layer = layers[name]
+        if layer.merged:
+            raise ValueError(f"{layer.label()} is merged; unmerge() it before loading adapters")
+        for which in ("A", "B"):
+            param = getattr(layer, f"lora_{which}")
+            tensor = pair.get(which)
+            if tensor is None:
+                raise ValueError(f"{directory}: layer '{name}' has no lora_{which} tensor")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"{directory}: layer '{name}': saved lora_{which} has shape "
+                                 f"{tuple(tensor.shape)}, the model's {layer._shape()} with "
+                                 f"r={layer.r} needs {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, pair in weights.items():
+            layer = layers[name]
+            layer.lora_A.copy_(pair["A"])
+            layer.lora_B.copy_(pair["B"])
+            layer.lora_alpha = _pattern_value(alpha_pattern, name, default_alpha)
+            layer.scaling = lora_scaling(layer.lora_alpha, layer.r)
+            layer.lora_dropout = dropout
+    return model

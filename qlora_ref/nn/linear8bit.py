@@ -1,0 +1,108 @@
+r"""``Linear8bit``: a frozen linear layer stored as blockwise 8-bit codes (the dynamic code).
+
+Not the paper's base -- QLoRA stores NF4 -- but the natural point between
+4 and 16 bits for comparing base precisions (a training config can choose
+``quant_bits`` 4, 8 or 16). Paper section 2, "Block-wise k-bit Quantization",
+with :math:`k = 8` and the dynamic (signed, exponent-coded) code of Dettmers
+et al. (2022), one float32 absmax per block:
+
+.. math::
+
+    c_b = \max_{i \in b}|w_i|, \qquad
+    q_i = \operatorname*{arg\,min}_j |\text{code}_j - w_i / c_b|, \qquad
+    \hat w_i = \text{code}[q_i]\; c_b .
+
+Mirrors ``bitsandbytes.functional.quantize_blockwise`` /
+``dequantize_blockwise`` (8 bits per weight plus 32 / blocksize for the
+constants: 8.125 bits at blocksize 256).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..blockwise import quantize_blockwise
+from ..codebooks import dynamic_code
+from ..validation import check_blocksize
+from .functional import dequantize_blockwise_torch
+from .quantized import QuantizedLinear, as_torch_dtype
+
+__all__ = ["Linear8bit"]
+
+
+class Linear8bit(QuantizedLinear):
+    """Frozen linear layer with blockwise 8-bit weights (dynamic code, float32 absmax per block).
+
+    Buffers: ``codes`` uint8 ``(out, in)``, ``absmax`` float32 ``(n_blocks,)``,
+    ``code`` float32 ``(256,)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+    blocksize : int
+        Weights per absmax constant (default 256).
+    compute_dtype, weight_dtype
+        See :class:`~qlora_ref.nn.QuantizedLinear`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = Linear8bit.from_linear(torch.nn.Linear(128, 64))
+    >>> layer.nbytes  # 8192 codes + 32 float32 constants
+    8320
+    """
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 blocksize: int = 256, compute_dtype=None, weight_dtype=torch.float32,
+                 device=None):
+        super().__init__(in_features, out_features, bias, compute_dtype, weight_dtype, device)
+        self.blocksize = check_blocksize(blocksize)
+        n_blocks = -(-self.weight_numel // self.blocksize)
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8,
+                                                  device=device))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.tensor(dynamic_code(), device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    compute_dtype=None, blocksize: int = 256) -> "Linear8bit":
+        """Quantize a float ``(out, in)`` weight with :func:`qlora_ref.quantize_blockwise`."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"Linear8bit.from_weight expects a 2-D weight tensor, got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias=bias is not None, blocksize=blocksize,
+                    compute_dtype=compute_dtype, weight_dtype=weight.dtype, device=weight.device)
+        w = weight.detach().to("cpu", torch.float32).numpy()
+        codes, absmax = quantize_blockwise(w, layer.code.cpu().numpy(), layer.blocksize)
+        layer.codes.copy_(torch.from_numpy(np.ascontiguousarray(codes)))
+        layer.absmax.copy_(torch.from_numpy(absmax))
+        if bias is not None:
+            layer.bias.data = bias.detach().clone()
+        return layer
+
+    def dequantize(self, dtype=None, backend: str | None = None) -> torch.Tensor:
+        r"""The weight :math:`\hat w_i = \text{code}[q_i]\, c_b`, ``(out, in)``."""
+        dtype = self.weight_dtype if dtype is None else as_torch_dtype(dtype)
+        return dequantize_blockwise_torch(self.codes, self.absmax, self.code, self.blocksize,
+                                          dtype=dtype, backend=backend)
+
+    def quant_config(self) -> dict:
+        return {"blocksize": self.blocksize}
+
+    @property
+    def nbytes(self) -> int:
+        """One byte per weight plus a float32 absmax per block."""
+        return int(self.codes.numel() + 4 * self.absmax.numel())
+
+    def get_extra_state(self) -> dict:
+        return {"blocksize": self.blocksize, "dtype": str(self.weight_dtype).replace("torch.", "")}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["blocksize"] != self.blocksize:
+            raise ValueError(f"{self.label()}: state dict has blocksize={state['blocksize']}, "
+                             f"layer has {self.blocksize}")
+        self.weight_dtype = as_torch_dtype(state["dtype"])

@@ -1,0 +1,300 @@
+r"""``LoRALinear``: low-rank adapters over a frozen base layer (16-, 8- or 4-bit).
+
+LoRA (Hu et al. 2021), as QLoRA uses it (paper section 2, "Low-rank
+Adapters", and equation (5) in section 3): the base weight :math:`\mathbf W`
+is frozen and a trainable low-rank update is added,
+
+.. math::
+
+    \mathbf Y = \mathbf X \mathbf W^\top + s\,\mathbf X \mathbf A^\top \mathbf B^\top
+              = \mathbf X\,(\mathbf W + \Delta\mathbf W)^\top, \qquad
+    \Delta\mathbf W = s\,\mathbf B \mathbf A, \qquad s = \frac{\alpha}{r},
+
+with :math:`\mathbf A \in \mathbb R^{r \times \text{in}}`,
+:math:`\mathbf B \in \mathbb R^{\text{out} \times r}`.
+
+One formula: :func:`lora_scaling` is the only place :math:`s` is computed
+(PEFT's rule, :math:`\alpha / r`) and :func:`delta_weight` the only place
+:math:`\Delta\mathbf W` is formed; ``merge`` and ``unmerge`` use it, and the
+forward applies the same factors to the input
+(:math:`s\,(\mathbf X\mathbf A^\top)\mathbf B^\top`, never forming the
+``(out, in)`` product) through :class:`~qlora_ref.nn.QLoRAMatmul`. A test
+checks forward against :math:`\mathbf X(\mathbf W + \Delta\mathbf W)^\top`.
+
+Mirrors PEFT's ``lora.Linear`` / ``lora.Linear4bit`` (``get_delta_weight``,
+``merge``, ``unmerge``, ``init_lora_weights``) without the adapter-name
+bookkeeping: one adapter per layer.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .autograd import dropout_mask, frozen_weight, qlora_linear
+from .linear4bit import Linear4bit
+from .linear8bit import Linear8bit
+from .quantized import QuantizedLinear
+
+__all__ = ["INITS", "QUANT_BITS", "lora_scaling", "delta_weight", "low_rank_factors",
+           "freeze_base", "LoRALinear"]
+
+#: How ``lora_A`` and ``lora_B`` can start.
+INITS = ("lora", "gaussian", "loftq")
+#: Storage precisions of the frozen base.
+QUANT_BITS = (4, 8, 16)
+
+
+def lora_scaling(lora_alpha: float, r: int) -> float:
+    r"""The LoRA scaling :math:`s = \alpha / r` (PEFT's rule; no rsLoRA)."""
+    return lora_alpha / r
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    r"""The low-rank update :math:`\Delta\mathbf W = s\,\mathbf B\mathbf A`, shape ``(out, in)``.
+
+    Computed as ``(B @ A) * scaling``, PEFT's order of operations, in the adapters' dtype.
+    """
+    return (lora_B @ lora_A) * scaling  # (out, r) @ (r, in) -> (out, in)
+
+
+def low_rank_factors(residual: torch.Tensor, r: int, scaling: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Adapters whose update is the best rank-``r`` approximation of ``residual`` (LoftQ).
+
+    .. math::
+
+        \mathbf R = \mathbf U \boldsymbol\Sigma \mathbf V^\top, \qquad
+        \mathbf A = \boldsymbol\Sigma_r^{1/2} \mathbf V_r^\top, \qquad
+        \mathbf B = \mathbf U_r \boldsymbol\Sigma_r^{1/2} / s,
+
+    so that :math:`s\,\mathbf B\mathbf A = \mathbf U_r\boldsymbol\Sigma_r\mathbf V_r^\top`
+    (Eckart-Young). Li et al. (2023), "LoftQ", with one alternation.
+    Note: PEFT's ``loftq_init`` leaves out the ``1/s``; we keep it so that the
+    layer's output starts at exactly the rank-``r`` correction, whatever ``alpha``.
+
+    Returns
+    -------
+    lora_A : torch.Tensor
+        ``(r, in)``, float32.
+    lora_B : torch.Tensor
+        ``(out, r)``, float32.
+    """
+    U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)  # (out,k) (k,) (k,in)
+    root = S[:r].sqrt()                                                  # (r,)
+    return root[:, None] * Vh[:r], U[:, :r] * root / scaling
+
+
+def freeze_base(linear: nn.Linear, quant_bits: int = 4, compute_dtype=None,
+                **quant_config) -> nn.Module:
+    """The frozen base layer for ``linear`` at ``quant_bits`` of storage.
+
+    Parameters
+    ----------
+    linear : nn.Linear
+    quant_bits : {4, 8, 16}
+        4: :class:`~qlora_ref.nn.Linear4bit` (``quant_type``, ``blocksize``,
+        ``double_quant``); 8: :class:`~qlora_ref.nn.Linear8bit` (``blocksize``);
+        16: the ``nn.Linear`` itself, frozen, in its own dtype.
+    compute_dtype : torch.dtype, optional
+        For the quantized bases.
+    """
+    if quant_bits not in QUANT_BITS:
+        raise ValueError(f"quant_bits must be one of {QUANT_BITS}, got {quant_bits!r}")
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"freeze_base expects an nn.Linear, got {type(linear).__name__}")
+    if quant_bits == 16:
+        return linear.requires_grad_(False)
+    cls = Linear4bit if quant_bits == 4 else Linear8bit
+    return cls.from_linear(linear, compute_dtype=compute_dtype, **quant_config)
+
+
+class LoRALinear(nn.Module):
+    r"""A frozen base layer plus trainable adapters: :math:`\mathbf Y = \text{base}(\mathbf X) + s\,\mathbf B\mathbf A\,d(\mathbf X)`.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear, Linear4bit or Linear8bit
+        The frozen base (an ``nn.Linear`` is frozen in place: 16-bit LoRA).
+    r : int
+        Rank of the update, > 0.
+    lora_alpha : float
+        :math:`\alpha`; the update is scaled by :math:`s = \alpha / r`.
+    lora_dropout : float
+        Dropout probability on the adapter input, in [0, 1).
+    init : {"lora", "gaussian", "loftq"}
+        ``"lora"``: A ~ kaiming_uniform(a=sqrt(5)) (PEFT's default, as
+        ``nn.Linear``), B = 0; ``"gaussian"``: A ~ N(0, 1/r^2), B = 0 (PEFT's
+        ``init_lora_weights="gaussian"``) -- both start the model unchanged;
+        ``"loftq"``: A, B from the SVD of the quantization residual
+        :math:`\mathbf W - \operatorname{dequant}(Q(\mathbf W))` (see
+        :func:`low_rank_factors`); needs ``weight``.
+    weight : torch.Tensor, optional
+        The 16-bit weight the base was quantized from (``init="loftq"`` only).
+
+    Attributes
+    ----------
+    lora_A : nn.Parameter
+        ``(r, in_features)``, float32.
+    lora_B : nn.Parameter
+        ``(out_features, r)``, float32.
+    scaling : float
+    merged : bool
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, init: str = "lora", weight: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, QuantizedLinear)):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, Linear4bit or Linear8bit, "
+                             f"got {type(base_layer).__name__}")
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.name = getattr(base_layer, "name", "")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{self._shape()}: r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"{self._shape()}: lora_dropout must be in [0, 1), "
+                             f"got {lora_dropout!r}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.scaling = lora_scaling(lora_alpha, r)
+        device = (base_layer.device if isinstance(base_layer, QuantizedLinear)
+                  else base_layer.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))   # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device))  # (out, r)
+        self.merged = False
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.reset_lora_parameters(init, weight)
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
+                    lora_dropout: float = 0.0, init: str = "lora", quant_bits: int = 4,
+                    compute_dtype=None, loftq_iters: int = 1, **quant_config) -> "LoRALinear":
+        r"""Freeze (and quantize) ``linear`` with :func:`freeze_base`, then add adapters.
+
+        With ``init="loftq"`` and ``loftq_iters = T > 1``, LoftQ alternates
+        :math:`Q_t = Q(\mathbf W - s\mathbf B_{t-1}\mathbf A_{t-1})` and
+        :math:`(\mathbf A_t, \mathbf B_t) = \operatorname{SVD}_r(\mathbf W - \operatorname{dequant}(Q_t))`.
+        """
+        weight = linear.weight.detach().clone()
+        base = freeze_base(linear, quant_bits, compute_dtype, **quant_config)
+        layer = cls(base, r, lora_alpha, lora_dropout, init=init, weight=weight)
+        for _ in range(1, loftq_iters if init == "loftq" else 1):
+            target = weight.float() - layer.delta_weight(torch.float32)
+            layer.base_layer = base.requantize(target.to(weight.dtype)).requires_grad_(False)
+            layer.reset_lora_parameters("loftq", weight)
+        return layer
+
+    def reset_lora_parameters(self, init: str = "lora", weight: torch.Tensor | None = None):
+        """(Re)initialise ``lora_A`` and ``lora_B``; see the class docstring for ``init``."""
+        if init not in INITS:
+            raise ValueError(f"{self.label()}: init must be one of {INITS}, got {init!r}")
+        with torch.no_grad():
+            if init == "loftq":
+                A, B = low_rank_factors(self._quantization_residual(weight), self.r, self.scaling)
+                self.lora_A.copy_(A)
+                self.lora_B.copy_(B)
+                return
+            if init == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
+            else:
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            nn.init.zeros_(self.lora_B)  # B = 0: the model starts unchanged
+
+    def _quantization_residual(self, weight):
+        if not isinstance(self.base_layer, QuantizedLinear):
+            raise ValueError(f"{self.label()}: init='loftq' needs a quantized base "
+                             "(there is no quantization error to cancel in a 16-bit base)")
+        if weight is None or tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{self.label()}: init='loftq' needs the original weight of shape "
+                             f"({self.out_features}, {self.in_features}), got "
+                             f"{None if weight is None else tuple(weight.shape)}")
+        if self.r > min(self.in_features, self.out_features):
+            raise ValueError(f"{self.label()}: init='loftq' needs r <= min(in, out) = "
+                             f"{min(self.in_features, self.out_features)}, got r={self.r}")
+        return weight.float() - self.base_layer.dequantize(torch.float32)  # W - dequant(Q(W))
+
+    # -- the one formula ------------------------------------------------------------
+    def delta_weight(self, dtype=None) -> torch.Tensor:
+        r""":math:`\Delta\mathbf W = s\,\mathbf B\mathbf A`, ``(out, in)``, in ``dtype`` (default the adapters')."""
+        delta = delta_weight(self.lora_A, self.lora_B, self.scaling)
+        return delta if dtype is None else delta.to(dtype)
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if self.merged:
+            return self._merged_forward(x)
+        compute_dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        xc = x.to(compute_dtype)
+        p = self.lora_dropout if self.training else 0.0
+        out = qlora_linear(xc, self.base_layer, self.base_layer.bias, self.lora_A, self.lora_B,
+                           self.scaling, dropout_mask(xc, p), p)
+        return out.to(x.dtype)
+
+    def _merged_forward(self, x):
+        if self.merged_weight is None:  # 16-bit base: merged in place
+            return self.base_layer(x)
+        bias = self.base_layer.bias
+        return F.linear(x, self.merged_weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    # -- merge / unmerge ------------------------------------------------------------------
+    def merge(self) -> None:
+        r"""Fold the adapters into the weight: :math:`\mathbf W' = \hat{\mathbf W} + \Delta\mathbf W`.
+
+        * 16-bit base: in place, ``W += delta`` (PEFT's merge).
+        * quantized base: into the *dequantized* weight, held in ``weight_dtype``
+          as the ``merged_weight`` buffer; the stored codes are untouched, so
+          :meth:`unmerge` is exact. (This is what the adapters were trained
+          against; see :mod:`qlora_ref.nn.merge` for the alternatives and their errors.)
+        """
+        if self.merged:
+            warnings.warn(f"{self.label()} is already merged; nothing done", stacklevel=2)
+            return
+        with torch.no_grad():
+            if isinstance(self.base_layer, QuantizedLinear):
+                merged = frozen_weight(self.base_layer, torch.float32) + self.delta_weight(torch.float32)
+                self.merged_weight = merged.to(self.base_layer.weight_dtype)
+            else:
+                w = self.base_layer.weight
+                w += self.delta_weight(torch.float32).to(w.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`. Exact for a quantized base; for a 16-bit base ``W -= delta``
+        restores W up to one rounding per element (as in PEFT)."""
+        if not self.merged:
+            warnings.warn(f"{self.label()} is not merged; nothing done", stacklevel=2)
+            return
+        with torch.no_grad():
+            if self.merged_weight is not None:
+                self.merged_weight = None
+            else:
+                w = self.base_layer.weight
+                w -= self.delta_weight(torch.float32).to(w.dtype)
+        self.merged = False
+
+    # -- checks and display -----------------------------------------------------------
+    def _shape(self) -> str:
+        return f"LoRALinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    def label(self) -> str:
+        """How error messages name this layer: its module path if known, and its shape."""
+        return f"'{self.name}' {self._shape()}" if self.name else self._shape()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the layer if ``x`` is not ``(..., in_features)`` floating point."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{self.label()}: input must be a floating-point tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.label()}: input has shape {tuple(x.shape)}, expected "
+                             f"(..., {self.in_features})")
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"lora_dropout={self.lora_dropout}, merged={self.merged}")

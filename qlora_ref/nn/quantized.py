@@ -1,0 +1,163 @@
+r"""``QuantizedLinear``: what every frozen, compressed base layer has in common.
+
+Paper section 3, "QLoRA": the base weights are a *storage* format, and each
+layer turns them back into a *computation* dtype when it needs them. So a
+base layer is defined by one method, ``dequantize(dtype)``, and everything
+else follows from it:
+
+.. math::
+
+    \mathbf Y = \mathbf X\, \operatorname{dequantize}(\mathbf W^{\text{stored}})^\top + \mathbf b
+
+The forward goes through :class:`~qlora_ref.nn.QLoRAMatmul` (with no
+adapters), so not even the plain layer keeps a dequantized weight between
+forward and backward. :class:`~qlora_ref.nn.Linear4bit` (NF4/FP4/INT4, the
+paper's base) and :class:`~qlora_ref.nn.Linear8bit` (blockwise 8-bit with the
+dynamic code) are the two subclasses; a 16-bit base is a plain, frozen
+``nn.Linear``.
+
+Mirrors the parts of ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt`` that a
+frozen base needs (no training of the quantized weight).
+
+Note (dtype casts): ``model.to(torch.bfloat16)`` converts every floating
+buffer of a module. The quantization constants (absmax, code tables, offset)
+must stay float32 or the stored weight changes, so ``_apply`` moves them to
+the new device but keeps their dtype. The frozen bias follows the cast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .autograd import qlora_linear
+
+__all__ = ["QuantizedLinear", "as_torch_dtype"]
+
+
+def as_torch_dtype(dtype) -> torch.dtype:
+    """``"bfloat16"``, ``torch.bfloat16`` or a NumPy dtype name as a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"not a floating-point dtype: {dtype!r}")
+    return value
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer stored compressed and dequantized on the fly.
+
+    Subclasses define ``bits``, :meth:`dequantize`, :meth:`from_weight`,
+    :meth:`quant_config` and :attr:`nbytes`.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Shape of the weight is ``(out_features, in_features)``.
+    bias : bool
+        Whether the layer has a (frozen) bias.
+    compute_dtype : torch.dtype, optional
+        Inputs are cast to it for the matmul and the output cast back (as
+        bitsandbytes does). None: compute in the input's dtype.
+    weight_dtype : torch.dtype or str
+        dtype of the weight before quantization (what :meth:`dequantize`
+        returns by default and what a merge writes).
+    """
+
+    bits: int = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 compute_dtype=None, weight_dtype=torch.float32, device=None):
+        super().__init__()
+        for what, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{type(self).__name__}: {what} must be a positive int, "
+                                 f"got {value!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = None if compute_dtype is None else as_torch_dtype(compute_dtype)
+        self.weight_dtype = as_torch_dtype(weight_dtype)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=self.weight_dtype,
+                                              device=device), requires_grad=False)
+                     if bias else None)
+        self.name = ""  # module path, set by prepare_model, used in error messages
+
+    # -- what a subclass provides ------------------------------------------------
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight in ``dtype`` (default ``weight_dtype``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    compute_dtype=None, **config) -> "QuantizedLinear":
+        """Quantize a float ``(out, in)`` weight into a new layer."""
+        raise NotImplementedError
+
+    def quant_config(self) -> dict:
+        """The keyword arguments of :meth:`from_weight` that reproduce this layer's format."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight: codes plus quantization constants (code tables excluded)."""
+        raise NotImplementedError
+
+    # -- shared behaviour --------------------------------------------------------
+    @property
+    def weight_numel(self) -> int:
+        """Number of weights stored, ``out_features * in_features``."""
+        return self.in_features * self.out_features
+
+    @property
+    def device(self) -> torch.device:
+        return next(b for b in self.buffers() if b is not None).device
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype=None, **config) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` (weight and bias are copied; the original is untouched)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{cls.__name__}.from_linear expects an nn.Linear, "
+                             f"got {type(linear).__name__}")
+        return cls.from_weight(linear.weight.detach(), linear.bias, compute_dtype=compute_dtype,
+                               **config)
+
+    def requantize(self, weight: torch.Tensor) -> "QuantizedLinear":
+        """A new layer of the same format (and bias) holding ``weight`` quantized."""
+        return self.from_weight(weight, self.bias, compute_dtype=self.compute_dtype,
+                                **self.quant_config())
+
+    def label(self) -> str:
+        """How error messages name this layer: its module path if known, and its shape."""
+        shape = f"{type(self).__name__}(in_features={self.in_features}, " \
+                f"out_features={self.out_features})"
+        return f"'{self.name}' {shape}" if self.name else shape
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the layer if ``x`` is not ``(..., in_features)`` floating point."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{self.label()}: input must be a floating-point tensor, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.label()}: input has shape {tuple(x.shape)}, expected "
+                             f"(..., {self.in_features})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        return qlora_linear(x_c, self, self.bias).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # see the module note (dtype casts): constants keep their dtype, follow the device
+        constants = {name: b for name, b in self._buffers.items()
+                     if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in constants.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def extra_repr(self) -> str:
+        config = ", ".join(f"{k}={v!r}" for k, v in self.quant_config().items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {config}, compute_dtype={self.compute_dtype}")
