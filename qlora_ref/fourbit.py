@@ -170,19 +170,26 @@ def dequantize_4bit(state: QuantState, dtype=None, backend: str | None = None,
         codes = packing.unpack_nibbles(state.packed, n)                     # (n,) uint8
         out = blockwise.dequantize_blockwise(codes, absmax, state.code, state.blocksize)
     else:
-        out = np.empty(n, dtype=np.float32)
+        # bfloat16: the kernel rounds the float32 product itself (the bits torch's
+        # .to(torch.bfloat16) gives) and writes them as uint16: half the bytes
+        bf16 = target == "bfloat16"
+        out = np.empty(n, dtype=np.uint16 if bf16 else np.float32)
         threads = num_threads or default_num_threads()
         if state.double_quant:
-            kernels().dequantize_4bit_packed_nested(
-                state.packed, state.absmax, state.nested_absmax, state.nested_code,
-                float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
-                threads)
+            kernel = (kernels().dequantize_4bit_packed_nested_bf16 if bf16
+                      else kernels().dequantize_4bit_packed_nested)
+            kernel(state.packed, state.absmax, state.nested_absmax, state.nested_code,
+                   float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
+                   threads)
         else:
-            kernels().dequantize_4bit_packed(state.packed, state.absmax, state.code,
-                                             state.blocksize, out, threads)
+            kernel = (kernels().dequantize_4bit_packed_bf16 if bf16
+                      else kernels().dequantize_4bit_packed)
+            kernel(state.packed, state.absmax, state.code, state.blocksize, out, threads)
     out = out.reshape(state.shape)
     if target == "bfloat16":
         import torch  # only reached for bfloat16, which only torch inputs produce
 
+        if out.dtype == np.uint16:  # bfloat16 bits from the Cython kernel
+            return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(out).to(torch.bfloat16)
     return out.astype(target, copy=False)

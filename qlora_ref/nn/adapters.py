@@ -86,7 +86,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         "lora_dropout": Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0],
         "target_modules": sorted(layers),
         "rank_pattern": {name: m.r for name, m in layers.items() if m.r != r},
-        "alpha_pattern": {name: m.lora_alpha for name, m in layers.items() if m.lora_alpha != alpha},
+        "alpha_pattern": {name: m.lora_alpha for name, m in layers.items()
+                          if m.lora_alpha != alpha},
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None,
@@ -168,7 +169,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     directory = Path(directory)
     config, weights = _read(directory)
     default_r, default_alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     dropout = float(config.get("lora_dropout", 0.0))
 
     if not _lora_layers(model):

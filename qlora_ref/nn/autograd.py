@@ -87,10 +87,12 @@ class QLoRAMatmul(torch.autograd.Function):
         \frac{\partial E}{\partial \mathbf b} &= \textstyle\sum \mathbf G \\
         \frac{\partial E}{\partial \mathbf W^{\text{NF4}}} &= \text{none (frozen)}
 
-    Saved for backward: :math:`\mathbf X`, the mask :math:`\mathbf M` (bool,
-    if dropout is on), :math:`\mathbf A`, :math:`\mathbf B` -- never
-    :math:`\hat{\mathbf W}`, which the backward dequantizes again. :math:`\mathbf H`
-    (``r`` numbers per token) is recomputed too.
+    Saved for backward: :math:`\mathbf X` (only for the adapter gradients),
+    the mask :math:`\mathbf M` (bool, if dropout is on), :math:`\mathbf A`,
+    :math:`\mathbf B` -- never :math:`\hat{\mathbf W}`, which the backward
+    dequantizes again, and only when :math:`\partial E/\partial\mathbf X` is
+    needed. :math:`\mathbf H` (``r`` numbers per token) is recomputed too. The
+    base matmul alone saves nothing at all.
 
     Parameters
     ----------
@@ -123,7 +125,11 @@ class QLoRAMatmul(torch.autograd.Function):
             h = F.linear(_apply_dropout(x, mask, dropout_p), lora_A.to(x.dtype))  # (..., r)
             # same order of operations as PEFT: base(x) + B(A(d(x))) * scaling
             out = out + F.linear(h, lora_B.to(x.dtype)) * scaling
-        ctx.save_for_backward(x, mask, lora_A, lora_B)
+        # keep only what backward will read: x for dA and dB, the mask wherever d(.) appears
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        keep_x = ctx.has_lora and (need_A or need_B)
+        keep_mask = ctx.has_lora and (need_x or keep_x)
+        ctx.save_for_backward(x if keep_x else None, mask if keep_mask else None, lora_A, lora_B)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -162,8 +168,20 @@ def qlora_linear(x: torch.Tensor, base, bias: torch.Tensor | None = None,
     With ``lora_A = lora_B = None`` it is the frozen base layer alone (how
     :class:`~qlora_ref.nn.Linear4bit` computes its forward).
     """
+    label = base.label() if hasattr(base, "label") else type(base).__name__
+    out_features, in_features = base.out_features, base.in_features
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{label}: input has shape {tuple(x.shape)}, expected "
+                         f"(..., {in_features})")
     if (lora_A is None) != (lora_B is None):
-        raise ValueError("pass both lora_A and lora_B, or neither")
+        raise ValueError(f"{label}: pass both lora_A and lora_B, or neither")
+    if lora_A is not None:
+        r = lora_A.shape[0]
+        if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
+            raise ValueError(f"{label}: lora_A {tuple(lora_A.shape)} and lora_B "
+                             f"{tuple(lora_B.shape)} must be (r, {in_features}) and "
+                             f"({out_features}, r)")
     if mask is not None and mask.shape != x.shape:
-        raise ValueError(f"dropout mask has shape {tuple(mask.shape)}, input {tuple(x.shape)}")
+        raise ValueError(f"{label}: dropout mask has shape {tuple(mask.shape)}, input "
+                         f"{tuple(x.shape)}")
     return QLoRAMatmul.apply(x, base, bias, lora_A, lora_B, scaling, mask, dropout_p)

@@ -49,6 +49,15 @@ _META_FIELDS = ("shape", "dtype", "blocksize", "quant_type", "nested_blocksize")
 
 StateLike = Union[QuantState, Mapping]
 
+#: Below this many elements the CPU kernels run on one thread: waking a
+#: second thread costs more than it saves, and on a busy machine a parallel
+#: region can wait milliseconds for a descheduled worker.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+def _threads(n: int) -> int:
+    return 1 if n < PARALLEL_MIN_ELEMENTS else _backend.default_num_threads()
+
 
 def quant_state_tensors(state: QuantState, device=None) -> dict:
     """A :class:`~qlora_ref.QuantState` as a dict of torch tensors (and its plain metadata).
@@ -61,14 +70,15 @@ def quant_state_tensors(state: QuantState, device=None) -> dict:
     for name in _ARRAY_FIELDS:
         array = getattr(state, name)
         out[name] = None if array is None else torch.from_numpy(array).to(device)
-    out["offset"] = (None if state.offset is None
-                     else torch.tensor(np.float32(state.offset), dtype=torch.float32, device=device))
+    offset = state.offset
+    out["offset"] = (None if offset is None
+                     else torch.tensor(np.float32(offset), dtype=torch.float32, device=device))
     return out
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A zero-copy NumPy view of a CPU tensor (made contiguous first if it is not)."""
-    return t.detach().contiguous().reshape(-1).numpy()
+    return t.detach().contiguous().reshape(-1).numpy()  # (numel,) sharing t's memory
 
 
 def to_quant_state(tensors: Mapping) -> QuantState:
@@ -117,7 +127,8 @@ def _as_tensors(state: StateLike, device) -> dict:
 
 def _check_dtype(dtype) -> torch.dtype:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64; got {dtype!r}")
+        raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64; "
+                         f"got {dtype!r}")
     return dtype
 
 
@@ -148,7 +159,7 @@ def dequantize_absmax_torch(t: Mapping) -> torch.Tensor:
 def _dequantize_4bit_pure_torch(t: Mapping) -> torch.Tensor:
     r""":math:`\hat w_i = \text{code}[q_i]\, c_{\lfloor i / B \rfloor}` with torch ops only."""
     n = int(np.prod(t["shape"]))
-    packed = t["packed"].reshape(-1)
+    packed = t["packed"].reshape(-1)                                      # (ceil(n/2),) uint8
     # byte j holds element 2j in its high nibble and 2j + 1 in its low nibble
     codes = torch.stack((packed >> 4, packed & 15), dim=1).view(-1)[:n]  # (n,) uint8
     values = t["code"][codes.long()]                                      # (n,) float32
@@ -199,8 +210,13 @@ def dequantize_4bit_torch(state: StateLike, dtype: torch.dtype = torch.float32, 
     if path == "torch":
         out = _dequantize_4bit_pure_torch(t)
     else:  # the core's kernel (Cython) or reference (NumPy), on zero-copy views
-        out = torch.from_numpy(dequantize_4bit(to_quant_state(t), dtype="float32", backend=path))
-    return out.reshape(tuple(t["shape"])).to(dtype)
+        state = to_quant_state(t)
+        # the core returns float32 as NumPy, bfloat16 (rounded from float32) as torch
+        core_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        out = dequantize_4bit(state, dtype=core_dtype, backend=path,
+                              num_threads=_threads(state.n_elements))
+        out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+    return out.reshape(tuple(t["shape"])).to(dtype)  # (out, in): float32 rounded once to dtype
 
 
 def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -228,15 +244,14 @@ def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, code: 
     dtype = _check_dtype(dtype)
     path = resolve_torch_backend(backend, codes.device)
     if path == "torch":
-        out = _scale_blocks(code[codes.reshape(-1).long()], absmax, blocksize)
+        out = _scale_blocks(code[codes.reshape(-1).long()], absmax, blocksize)  # (n,) float32
     elif path == "cython":
         out = torch.empty(codes.numel(), dtype=torch.float32)
         _backend.kernels().dequantize_blockwise(_numpy(codes), _numpy(absmax), _numpy(code),
-                                                blocksize, out.numpy(),
-                                                _backend.default_num_threads())
+                                                blocksize, out.numpy(), _threads(codes.numel()))
     else:
         from ..blockwise import dequantize_blockwise
 
         out = torch.from_numpy(dequantize_blockwise(_numpy(codes), _numpy(absmax), _numpy(code),
                                                     blocksize))
-    return out.reshape(codes.shape).to(dtype)
+    return out.reshape(codes.shape).to(dtype)  # codes' shape, float32 rounded once to dtype

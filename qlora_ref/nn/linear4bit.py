@@ -64,8 +64,10 @@ class Linear4bit(QuantizedLinear):
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> layer = Linear4bit.from_linear(torch.nn.Linear(128, 64))
-    >>> layer(torch.randn(3, 128)).shape, layer.nbytes
-    (torch.Size([3, 64]), 4228)
+    >>> layer(torch.randn(3, 128)).shape
+    torch.Size([3, 64])
+    >>> layer.nbytes  # 4096 packed + 128 absmax codes + 4 nested absmax + 4 offset
+    4232
     """
 
     bits = 4
@@ -95,6 +97,13 @@ class Linear4bit(QuantizedLinear):
 
     # -- construction -------------------------------------------------------------
     @classmethod
+    def from_linear(cls, linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype=None) -> "Linear4bit":
+        """Quantize an ``nn.Linear`` (the original is untouched; its bias is copied)."""
+        return super().from_linear(linear, compute_dtype=compute_dtype, quant_type=quant_type,
+                                   blocksize=blocksize, double_quant=double_quant)
+
+    @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     compute_dtype=None, quant_type: str = "nf4", blocksize: int = 64,
                     double_quant: bool = True) -> "Linear4bit":
@@ -118,10 +127,7 @@ class Linear4bit(QuantizedLinear):
                     blocksize=state.blocksize, double_quant=state.double_quant,
                     compute_dtype=compute_dtype, weight_dtype=state.dtype, device=device)
         layer.load_quant_state(state)
-        if bias is not None:
-            if tuple(bias.shape) != (out_features,):
-                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-            layer.bias.data = bias.detach().clone()
+        layer._copy_bias(bias)
         return layer
 
     def load_quant_state(self, state: QuantState) -> None:
@@ -174,7 +180,8 @@ class Linear4bit(QuantizedLinear):
     # -- metadata in the state dict -------------------------------------------------
     def get_extra_state(self) -> dict:
         return {"shape": (self.out_features, self.in_features), "blocksize": self.blocksize,
-                "quant_type": self.quant_type, "dtype": str(self.weight_dtype).replace("torch.", ""),
+                "quant_type": self.quant_type,
+                "dtype": str(self.weight_dtype).replace("torch.", ""),
                 "nested_blocksize": NESTED_BLOCKSIZE if self.double_quant else None}
 
     def set_extra_state(self, state: dict) -> None:

@@ -67,6 +67,11 @@ class Linear8bit(QuantizedLinear):
         self.register_buffer("code", torch.tensor(dynamic_code(), device=device))
 
     @classmethod
+    def from_linear(cls, linear, blocksize: int = 256, compute_dtype=None) -> "Linear8bit":
+        """Quantize an ``nn.Linear`` (the original is untouched; its bias is copied)."""
+        return super().from_linear(linear, compute_dtype=compute_dtype, blocksize=blocksize)
+
+    @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     compute_dtype=None, blocksize: int = 256) -> "Linear8bit":
         """Quantize a float ``(out, in)`` weight with :func:`qlora_ref.quantize_blockwise`."""
@@ -80,8 +85,7 @@ class Linear8bit(QuantizedLinear):
         codes, absmax = quantize_blockwise(w, layer.code.cpu().numpy(), layer.blocksize)
         layer.codes.copy_(torch.from_numpy(np.ascontiguousarray(codes)))
         layer.absmax.copy_(torch.from_numpy(absmax))
-        if bias is not None:
-            layer.bias.data = bias.detach().clone()
+        layer._copy_bias(bias)
         return layer
 
     def dequantize(self, dtype=None, backend: str | None = None) -> torch.Tensor:

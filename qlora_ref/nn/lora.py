@@ -180,7 +180,7 @@ class LoRALinear(nn.Module):
         :math:`Q_t = Q(\mathbf W - s\mathbf B_{t-1}\mathbf A_{t-1})` and
         :math:`(\mathbf A_t, \mathbf B_t) = \operatorname{SVD}_r(\mathbf W - \operatorname{dequant}(Q_t))`.
         """
-        weight = linear.weight.detach().clone()
+        weight = linear.weight.detach().clone() if init == "loftq" else None  # W, for LoftQ only
         base = freeze_base(linear, quant_bits, compute_dtype, **quant_config)
         layer = cls(base, r, lora_alpha, lora_dropout, init=init, weight=weight)
         for _ in range(1, loftq_iters if init == "loftq" else 1):
@@ -240,7 +240,8 @@ class LoRALinear(nn.Module):
         if self.merged_weight is None:  # 16-bit base: merged in place
             return self.base_layer(x)
         bias = self.base_layer.bias
-        return F.linear(x, self.merged_weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, self.merged_weight.to(x.dtype),
+                        None if bias is None else bias.to(x.dtype))
 
     # -- merge / unmerge ------------------------------------------------------------------
     def merge(self) -> None:
@@ -257,7 +258,8 @@ class LoRALinear(nn.Module):
             return
         with torch.no_grad():
             if isinstance(self.base_layer, QuantizedLinear):
-                merged = frozen_weight(self.base_layer, torch.float32) + self.delta_weight(torch.float32)
+                merged = (frozen_weight(self.base_layer, torch.float32)
+                          + self.delta_weight(torch.float32))          # dequant(W4) + s B A
                 self.merged_weight = merged.to(self.base_layer.weight_dtype)
             else:
                 w = self.base_layer.weight

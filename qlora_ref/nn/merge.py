@@ -72,9 +72,9 @@ def merged_weight(layer: LoRALinear, strategy: str = "dequant",
         if strategy == "original":
             shape = (layer.out_features, layer.in_features)
             if original_weight is None or tuple(original_weight.shape) != shape:
+                got = None if original_weight is None else tuple(original_weight.shape)
                 raise ValueError(f"{layer.label()}: strategy 'original' needs the original weight "
-                                 f"of shape {shape}, got "
-                                 f"{None if original_weight is None else tuple(original_weight.shape)}")
+                                 f"of shape {shape}, got {got}")
             return (original_weight.detach().float() + delta).to(dtype)
         w = base.dequantize(torch.float32) if quantized else base.weight.float()
         merged = w + delta                                              # dequant(W4) + s B A
@@ -166,8 +166,8 @@ def _output(model, inputs) -> torch.Tensor:
     return out.detach().double()
 
 
-def merge_errors(model: nn.Module, inputs, original=None,
-                 strategies=MERGE_STRATEGIES, dtype=None) -> dict:
+def merge_errors(model: nn.Module, inputs, original=None, strategies=None,
+                 dtype=None) -> dict:
     """Measure each merge strategy: output error of the merged model against the unmerged one.
 
     The model is copied for each strategy (``model`` is left as it is) and
@@ -184,7 +184,8 @@ def merge_errors(model: nn.Module, inputs, original=None,
     original : nn.Module or dict, optional
         Needed for ``"original"`` (see :func:`merge_and_unload`); that
         strategy is skipped when it is None.
-    strategies : iterable of str
+    strategies : iterable of str, optional
+        Default: all three, or only ``"dequant"`` when every base is 16-bit.
     dtype : torch.dtype, optional
 
     Returns
@@ -192,6 +193,10 @@ def merge_errors(model: nn.Module, inputs, original=None,
     dict
         ``{strategy: MergeError}``.
     """
+    if strategies is None:
+        quantized = any(isinstance(m, LoRALinear) and isinstance(m.base_layer, QuantizedLinear)
+                        for m in model.modules())
+        strategies = MERGE_STRATEGIES if quantized else ("dequant",)
     was_training = model.training
     model.eval()
     with torch.no_grad():

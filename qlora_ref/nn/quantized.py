@@ -110,6 +110,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the stored weight is."""
         return next(b for b in self.buffers() if b is not None).device
 
     @classmethod
@@ -120,6 +121,17 @@ class QuantizedLinear(nn.Module):
                              f"got {type(linear).__name__}")
         return cls.from_weight(linear.weight.detach(), linear.bias, compute_dtype=compute_dtype,
                                **config)
+
+    def _copy_bias(self, bias: torch.Tensor | None) -> None:
+        """Set the frozen bias from ``bias`` (shape ``(out_features,)``), or check there is none."""
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f"{self.label()}: a bias was {'not ' if bias is None else ''}given, "
+                             f"but the layer has bias={self.bias is not None}")
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"{self.label()}: bias has shape {tuple(bias.shape)}, expected "
+                                 f"({self.out_features},)")
+            self.bias.data = bias.detach().clone()
 
     def requantize(self, weight: torch.Tensor) -> "QuantizedLinear":
         """A new layer of the same format (and bias) holding ``weight`` quantized."""

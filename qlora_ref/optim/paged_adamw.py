@@ -28,9 +28,11 @@ operation), so the parameters are bit-identical to AdamW's:
 The production path is ``bitsandbytes.optim.PagedAdamW`` (CUDA unified
 memory, fused kernels); :func:`make_optimizer` chooses between them.
 
-Note (page size): every page but the last is a multiple of 1024 elements,
-so the vectorised loops of the elementwise kernels split each page exactly
-as they split the whole tensor, and results do not depend on the paging.
+Note (page size): a precaution. Every page but the last is a multiple of
+1024 elements, so the vectorised loops of the elementwise kernels split
+each page exactly as they split the whole tensor (a SIMD body and a scalar
+tail could round differently if compiled differently). On the CPUs we
+tested any page size gave identical results.
 
 Note (overlap): a production pager would prefetch page k + 1 on a side
 stream while page k is updated. We keep one stream for readability; the
@@ -144,7 +146,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if key in state:
                     state[key] = self._to_host(state[key], p)
             if "step" in state:
-                state["step"] = state["step"].to("cpu")
+                state["step"] = state["step"].detach().to("cpu", copy=True)
 
     # -- the step -------------------------------------------------------------------
     def _pages(self, n: int):
@@ -171,6 +173,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 step = state["step"].item()
                 devices.add(p.device)
                 flat = p.is_contiguous() and p.grad.is_contiguous()
+                # pages are slices of the flattened tensors: (numel,) views, nothing copied;
+                # a non-contiguous parameter is paged whole
                 param, grad = (p.view(-1), p.grad.view(-1)) if flat else (p, p.grad)
                 m_host, v_host = state["exp_avg"], state["exp_avg_sq"]
                 m_host, v_host = (m_host.view(-1), v_host.view(-1)) if flat else (m_host, v_host)

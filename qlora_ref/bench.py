@@ -1,0 +1,577 @@
+r"""Speed of the 4-bit storage paths, against bitsandbytes, torchao and a memory copy.
+
+``python -m qlora_ref.bench`` (the CLI's ``qlora-ref bench`` calls the same
+:func:`main`) prints one table per matrix size, every number from the same
+run. Operations (NF4, blocksize 64, double quantization as in the paper):
+
+* ``quantize``     -- :func:`qlora_ref.quantize_4bit` (float32 in, packed codes
+  and double-quantized constants out);
+* ``dequant f32`` / ``dequant bf16`` -- :func:`qlora_ref.dequantize_4bit` to
+  float32, and to a bfloat16 ``torch.Tensor``;
+* ``pack`` / ``unpack`` -- two 4-bit codes per byte and back
+  (:mod:`qlora_ref.packing` and its Cython twins).
+
+Implementations: the NumPy reference; the Cython kernels on 1 thread and on
+``--threads`` threads; bitsandbytes' CPU path
+(``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` on CPU
+tensors, ``compress_statistics=True``); torchao's ``NF4Tensor`` (``to_nf4``,
+``get_original_weight``) when torchao is installed; and ``np.copyto`` of as
+many bytes as the operation writes -- the rate at which this machine moves
+that output, the bandwidth limit.
+
+Method (named notes):
+
+* *Best of N.* Each cell is the fastest of ``--repeat`` wall-clock runs
+  (``time.perf_counter``) after ``--warmup`` untimed runs; calls that take
+  over a second get 3 runs. Calls shorter than 2 ms are repeated inside one
+  sample (the sample is their mean), so timer and Python overheads stay small.
+* *Interleaved.* Within an operation the implementations take turns (round
+  robin), so a change in machine load hits all rows alike.
+* *Threads.* bitsandbytes runs torch ops and its own OpenMP C kernels:
+  ``torch.set_num_threads`` and ``omp_set_num_threads`` (of the system
+  libgomp its library links) are set to the row's thread count. torchao is
+  plain torch. Ratios ("x bnb") compare rows with the same thread count.
+* *Dynamo off.* bitsandbytes wraps some CPU fallbacks in ``torch.compile``;
+  compiling would dominate the first calls (and the fallbacks are not taken
+  for these shapes). ``TORCHDYNAMO_DISABLE=1`` is set when this module is
+  imported before torch, and ``torch._dynamo.config.disable`` for the run.
+* *Allocation included.* Every row returns a fresh output (as the APIs do);
+  the copy row copies into a preallocated buffer.
+* *A benchmark, not a test*: nothing here asserts a speed. The Cython outputs
+  are checked byte-identical to the NumPy ones on the benchmark data.
+
+:func:`qlora_layer_step_time` times a LoRA layer over a 4-bit base
+(``qlora_ref.nn``), forward and backward, against the same layer over a
+16-bit base.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch is imported (see "Dynamo off")
+
+import numpy as np  # noqa: E402
+
+from . import packing  # noqa: E402
+from .backend import cython_available, default_num_threads, kernels  # noqa: E402
+from .fourbit import dequantize_4bit, quantize_4bit  # noqa: E402
+
+__all__ = ["run_benchmarks", "qlora_layer_step_time", "add_arguments", "main", "OPERATIONS"]
+
+#: Columns of the table, in order.
+OPERATIONS = ("quantize", "dequant f32", "dequant bf16", "pack", "unpack")
+
+_MIN_SAMPLE_S = 0.002      # shorter calls are batched inside one sample
+_SLOW_CALL_S = 1.0         # calls slower than this get 3 samples
+
+
+# -- timing ------------------------------------------------------------------------
+
+def _calibrate(fn) -> tuple[int, float, object]:
+    """Run ``fn`` once (a warm-up) and choose how many calls make one sample."""
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    return max(1, math.ceil(_MIN_SAMPLE_S / max(elapsed, 1e-7))), elapsed, result
+
+
+def _measure(rows: dict, repeat: int, warmup: int, set_threads=None) -> tuple[dict, dict, dict]:
+    """Best seconds per call for each ``name -> (threads, fn)``.
+
+    Rows run in phases, one per thread count (single-threaded rows first),
+    and take turns within a phase. ``set_threads(t)`` is called when a phase
+    starts (torch's and bitsandbytes' OpenMP pools). Returns (best seconds,
+    samples taken, the result of each function's first call).
+    """
+    batch, first, results, best, taken = {}, {}, {}, {}, {}
+    for t in sorted({threads for threads, _ in rows.values()}):
+        phase = {name: fn for name, (threads, fn) in rows.items() if threads == t}
+        if set_threads is not None:
+            set_threads(t)
+        for name, fn in phase.items():
+            batch[name], first[name], results[name] = _calibrate(fn)
+            for _ in range(warmup - 1):
+                fn()
+            best[name], taken[name] = math.inf, 0
+        for i in range(repeat):
+            for name, fn in phase.items():
+                if i >= 3 and first[name] > _SLOW_CALL_S:
+                    continue
+                k = batch[name]
+                start = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - start) / k)
+                taken[name] += 1
+    return best, taken, results
+
+
+@contextlib.contextmanager
+def _dynamo_disabled():
+    try:
+        import torch._dynamo
+    except Exception:  # pragma: no cover - torch without dynamo
+        yield
+        return
+    before = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.disable = before
+
+
+def _omp_set_num_threads():
+    """``omp_set_num_threads`` of the system libgomp (bitsandbytes' CPU library links it)."""
+    name = ctypes.util.find_library("gomp") or "libgomp.so.1"
+    try:
+        return ctypes.CDLL(name).omp_set_num_threads
+    except (OSError, AttributeError):
+        return lambda n: None
+
+
+# -- the implementations -----------------------------------------------------------
+
+def _load_bitsandbytes():
+    try:
+        import bitsandbytes.functional as F
+        return F, None
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"not installed ({type(exc).__name__})"
+
+
+def _load_torchao():
+    """torchao's ``to_nf4``, importing quietly (it logs about CUDA libraries it cannot load)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            try:
+                from torchao.dtypes.nf4tensor import to_nf4  # torchao < 0.15
+            except ImportError as exc:
+                return None, f"not installed ({exc.name or 'torchao'})"
+        except Exception as exc:  # noqa: BLE001
+            return None, f"not usable ({type(exc).__name__}: {exc})"
+        finally:
+            logging.disable(logging.NOTSET)
+    return to_nf4, None
+
+
+def _rows_for(op: str, x, state, codes, threads: int, libs: dict, cache: dict) -> dict:
+    """``label -> (threads, fn)`` for one operation; a missing library gives no row.
+
+    ``cache`` keeps the other libraries' quantized forms of ``x`` between operations.
+    """
+    import torch
+
+    n = x.size
+    k = kernels() if cython_available() else None
+    counts = [1] if threads == 1 else [1, threads]
+    rows = {}
+
+    if op == "quantize":
+        rows["numpy reference"] = (1, lambda: quantize_4bit(x, backend="numpy"))
+        for t in counts if k else []:
+            rows[f"cython, {t} thr"] = (t, lambda t=t: quantize_4bit(x, backend="cython",
+                                                                       num_threads=t))
+    elif op in ("dequant f32", "dequant bf16"):
+        dtype = "float32" if op == "dequant f32" else "bfloat16"
+        rows["numpy reference"] = (1, lambda: dequantize_4bit(state, dtype, backend="numpy"))
+        for t in counts if k else []:
+            rows[f"cython, {t} thr"] = (t, lambda t=t: dequantize_4bit(
+                state, dtype, backend="cython", num_threads=t))
+    elif op == "pack":
+        rows["numpy reference"] = (1, lambda: packing.pack_nibbles(codes, pad=7))
+
+        def pack(t):
+            out = np.empty((n + 1) // 2, np.uint8)
+            k.pack_nibbles(codes, 7, out, t)
+            return out
+        for t in counts if k else []:
+            rows[f"cython, {t} thr"] = (t, lambda t=t: pack(t))
+    elif op == "unpack":
+        rows["numpy reference"] = (1, lambda: packing.unpack_nibbles(state.packed, n))
+
+        def unpack(t):
+            out = np.empty(n, np.uint8)
+            k.unpack_nibbles(state.packed, out, t)
+            return out
+        for t in counts if k else []:
+            rows[f"cython, {t} thr"] = (t, lambda t=t: unpack(t))
+
+    F = libs["bitsandbytes"]
+    xt = torch.from_numpy(x)
+    if F is not None and op in ("quantize", "dequant f32", "dequant bf16"):
+        if "bitsandbytes" not in cache:
+            cache["bitsandbytes"] = F.quantize_4bit(xt, blocksize=64, compress_statistics=True,
+                                                    quant_type="nf4")
+        q, qs = cache["bitsandbytes"]
+        if op == "quantize":
+            fn = lambda: F.quantize_4bit(xt, blocksize=64, compress_statistics=True,  # noqa: E731
+                                         quant_type="nf4")
+        else:
+            qs_out = copy.copy(qs)  # the output dtype is a field of bitsandbytes' QuantState
+            qs_out.dtype = torch.float32 if op == "dequant f32" else torch.bfloat16
+            fn = lambda: F.dequantize_4bit(q, qs_out)  # noqa: E731
+        for t in counts:
+            rows[f"bitsandbytes, {t} thr"] = (t, fn)
+
+    to_nf4 = libs["torchao"]
+    if to_nf4 is not None and op in ("quantize", "dequant f32", "dequant bf16"):
+        if "torchao" not in cache:
+            cache["torchao"] = to_nf4(xt, 64, 256)
+        nf4 = cache["torchao"]
+        fn = {"quantize": lambda: to_nf4(xt, 64, 256),
+              "dequant f32": nf4.get_original_weight,
+              "dequant bf16": lambda: nf4.to(torch.bfloat16)}[op]
+        for t in counts:
+            rows[f"torchao NF4, {t} thr"] = (t, fn)
+
+    # the bandwidth limit: copy as many bytes as the operation writes
+    out_bytes = {"quantize": state.nbytes, "dequant f32": 4 * n, "dequant bf16": 2 * n,
+                 "pack": (n + 1) // 2, "unpack": n}[op]
+    src, dst = np.ones(out_bytes, np.uint8), np.zeros(out_bytes, np.uint8)
+    rows["memory copy"] = (1, lambda: np.copyto(dst, src))
+    return rows
+
+
+def _thread_setter(libs: dict):
+    """Set torch's intra-op threads and the system libgomp's (bitsandbytes' C kernels)."""
+    import torch
+
+    omp = libs["omp_set_num_threads"]
+
+    def set_threads(t):
+        torch.set_num_threads(t)
+        omp(t)
+    return set_threads
+
+
+def _same_bytes(op: str, results: dict) -> bool | None:
+    """Are the Cython results byte-identical to the NumPy reference's? (None: nothing to compare)"""
+    import torch
+
+    ref = results.get("numpy reference")
+    fast = [v for name, v in results.items() if name.startswith("cython")]
+    if ref is None or not fast:
+        return None
+    for v in fast:
+        if op == "quantize":
+            same = v.equals(ref)
+        elif isinstance(v, torch.Tensor):
+            same = torch.equal(v.view(torch.int16), ref.view(torch.int16))
+        else:
+            same = np.array_equal(np.asarray(v).view(np.uint8), np.asarray(ref).view(np.uint8))
+        if not same:
+            return False
+    return True
+
+
+# -- the table -----------------------------------------------------------------------
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = str(text).lower().replace("*", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    rows, cols = (int(p) for p in parts)
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"--size wants positive sides, got {text!r}")
+    return rows, cols
+
+
+def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None, repeat: int = 7,
+                   warmup: int = 1, seed: int = 0, layer: bool = True, fmt: str = "text",
+                   file=None) -> dict:
+    """Time every operation for every implementation; print the tables; return the numbers.
+
+    Parameters
+    ----------
+    sizes : sequence of (rows, cols)
+        float32 matrices, N(0, 0.02^2).
+    threads : int, optional
+        Thread count of the "all threads" rows (default: all cores,
+        :func:`qlora_ref.backend.default_num_threads`).
+    repeat, warmup : int
+        Timed runs (the best is kept) and untimed runs before them.
+    layer : bool
+        Also time :func:`qlora_layer_step_time` (when ``qlora_ref.nn`` imports).
+    fmt : {"text", "md"}
+        Plain text, or a Markdown table (as in ``docs/benchmarks.md``).
+
+    Returns
+    -------
+    dict
+        ``{"machine": {...}, "sizes": {"RxC": {operation: {row: {"seconds", "melem_s", ...}}}},
+        "layer": {...}}``.
+    """
+    import torch
+
+    file = file or sys.stdout
+    threads = threads or default_num_threads()
+    libs = {"omp_set_num_threads": _omp_set_num_threads()}
+    libs["bitsandbytes"], bnb_note = _load_bitsandbytes()
+    libs["torchao"], tao_note = _load_torchao()
+    machine = machine_info()
+    report = {"machine": machine, "sizes": {}, "settings": dict(
+        repeat=repeat, warmup=warmup, threads=threads, seed=seed)}
+    say = lambda *a: print(*a, file=file, flush=True)  # noqa: E731
+
+    say(f"qlora_ref bench: {machine['cpu']} ({machine['cores']} cores), python "
+        f"{machine['python']}, numpy {machine['numpy']}, torch {machine['torch']}, "
+        f"bitsandbytes {machine['bitsandbytes']}, torchao {machine['torchao']}, "
+        f"cython {machine['cython']}")
+    say(f"Cython kernels: {'built' if cython_available() else 'NOT built'}"
+        f"{', OpenMP' if machine['openmp'] else ', no OpenMP'}; threads: 1 and {threads}; "
+        f"best of {repeat} (3 for calls over {_SLOW_CALL_S:.0f} s) after {warmup} warm-up; "
+        f"TORCHDYNAMO_DISABLE={os.environ.get('TORCHDYNAMO_DISABLE')}; "
+        f"load average {os.getloadavg()[0]:.2f}")
+    if bnb_note:
+        say(f"bitsandbytes: {bnb_note}")
+    if tao_note:
+        say(f"torchao: {tao_note}")
+
+    previous_threads = torch.get_num_threads()
+    with _dynamo_disabled():
+        try:
+            for rows_, cols in sizes:
+                key = f"{rows_}x{cols}"
+                report["sizes"][key] = _bench_size(rows_, cols, threads, repeat, warmup, seed,
+                                                   libs, fmt, say)
+        finally:
+            torch.set_num_threads(previous_threads)
+            libs["omp_set_num_threads"](previous_threads)
+    if layer:
+        try:
+            import qlora_ref.nn  # noqa: F401
+        except ImportError as exc:
+            say(f"\nLoRA layer step: qlora_ref.nn is not importable ({exc}); skipped")
+        else:
+            report["layer"] = _print_layer(threads, repeat, warmup, fmt, say)
+    say(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return report
+
+
+def _bench_size(rows_, cols, threads, repeat, warmup, seed, libs, fmt, say) -> dict:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows_, cols), dtype=np.float32) * np.float32(0.02)
+    state = quantize_4bit(x)                               # NF4, blocksize 64, double quant
+    codes = packing.unpack_nibbles(state.packed, x.size)   # (n,) uint8 codes 0..15
+    n = x.size
+    results = {}
+    same, cache = {}, {}
+    for op in OPERATIONS:
+        rows = _rows_for(op, x, state, codes, threads, libs, cache)
+        best, taken, outputs = _measure(rows, repeat, warmup, _thread_setter(libs))
+        same[op] = _same_bytes(op, outputs)
+        results[op] = {name: {"seconds": best[name], "samples": taken[name],
+                              "melem_s": n / best[name] / 1e6} for name in rows}
+    _print_table(f"{rows_}x{cols} float32 ({n / 1e6:.3g} M elements, "
+                 f"{x.nbytes / 2**20:.3g} MiB)", results, threads, same, fmt, say)
+    return results
+
+
+def _print_table(title, results, threads, same, fmt, say):
+    labels = []
+    for op in OPERATIONS:
+        for name in results[op]:
+            if name not in labels and name != "memory copy":
+                labels.append(name)
+    labels.append("memory copy")
+
+    def cell(op, name):
+        r = results[op].get(name)
+        if r is None:
+            return "n/a"
+        text = f"{r['melem_s']:,.0f}" if r["melem_s"] >= 10 else f"{r['melem_s']:.2f}"
+        t = name.rsplit(", ", 1)[-1] if "thr" in name else "1 thr"
+        ref = results[op].get(f"bitsandbytes, {t}")
+        if ref is not None and name != "memory copy":
+            text += f" ({ref['seconds'] / r['seconds']:.2g}x)" if ref["seconds"] / r["seconds"] < 10 \
+                else f" ({ref['seconds'] / r['seconds']:.0f}x)"
+        return text
+
+    def share(op, name):
+        r, c = results[op].get(name), results[op]["memory copy"]
+        return "n/a" if r is None else f"{100 * c['seconds'] / r['seconds']:.0f}%"
+
+    head = ["", *OPERATIONS]
+    body = [[name, *(cell(op, name) for op in OPERATIONS)] for name in labels]
+    for name in labels:
+        if name.startswith("cython"):
+            body.append([f"{name}: % of copy", *(share(op, name) for op in OPERATIONS)])
+    body.append(["Cython == NumPy bytes", *("yes" if same[op] else "n/a" if same[op] is None
+                                             else "NO" for op in OPERATIONS)])
+    say(f"\n{title}: Melem/s (x bitsandbytes' CPU path on as many threads)")
+    if fmt == "md":
+        say("| " + " | ".join(head) + " |")
+        say("|" + "---|" * len(head))
+        for line in body:
+            say("| " + " | ".join(line) + " |")
+    else:
+        widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
+        for line in [head, *body]:
+            say("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                          for i, (c, w) in enumerate(zip(line, widths))))
+    bytes_line = ", ".join(f"{op} {results[op]['memory copy']['seconds'] * 1e3:.3g} ms"
+                           for op in OPERATIONS)
+    say(f"memory copy = np.copyto of the bytes each operation writes; time per copy: {bytes_line}")
+
+
+# -- a QLoRA layer, forward and backward ------------------------------------------------
+
+def qlora_layer_step_time(in_features: int = 4096, out_features: int = 4096, tokens: int = 256,
+                          r: int = 16, compute_dtype=None, repeat: int = 5, warmup: int = 1,
+                          threads: int | None = None, seed: int = 0) -> dict:
+    """Seconds for one forward + backward of a LoRA layer over a 4-bit base vs a 16-bit base.
+
+    Both layers are ``qlora_ref.nn.LoRALinear.from_linear`` of the same
+    ``nn.Linear`` (``quant_bits=4``: NF4, blocksize 64, double quantization;
+    ``quant_bits=16``: the float weight, frozen). The step is
+    ``layer(x).sum().backward()`` on ``x`` of shape ``(tokens, in_features)``
+    with ``requires_grad`` (as inside a network). The 4-bit layer dequantizes
+    its weight twice per step (forward, and again in backward); the time of
+    one ``base_layer.dequantize`` is reported too.
+
+    Returns
+    -------
+    dict
+        ``{"4-bit": s, "16-bit": s, "dequantize": s, "forward 4-bit": s, "forward 16-bit": s}``
+        (best of ``repeat``).
+    """
+    import torch
+
+    from .nn import LoRALinear
+
+    compute_dtype = compute_dtype or torch.float32
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or default_num_threads())
+    try:
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(in_features, out_features).to(compute_dtype)
+        layers = {
+            "4-bit": LoRALinear.from_linear(torch.nn.Linear(in_features, out_features),
+                                            r=r, quant_bits=4, compute_dtype=compute_dtype),
+            "16-bit": LoRALinear.from_linear(linear, r=r, quant_bits=16),
+        }
+        with torch.no_grad():
+            layers["4-bit"].base_layer.bias.copy_(linear.bias.float())
+        x = torch.randn(tokens, in_features, dtype=compute_dtype, requires_grad=True)
+
+        def step(layer):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).sum().backward()
+
+        def forward(layer):
+            with torch.no_grad():
+                layer(x)
+
+        base = layers["4-bit"].base_layer
+        rows = {name: (1, lambda layer=layer: step(layer)) for name, layer in layers.items()}
+        rows.update({f"forward {name}": (1, lambda layer=layer: forward(layer))
+                     for name, layer in layers.items()})
+        rows["dequantize"] = (1, lambda: base.dequantize(compute_dtype))
+        best, _, _ = _measure(rows, repeat, warmup)
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _print_layer(threads, repeat, warmup, fmt, say) -> dict:
+    import torch
+
+    out = {}
+    say(f"\nLoRA layer 4096 -> 4096, r=16, 256 tokens, forward + backward (x.requires_grad), "
+        f"torch on {threads} threads; best of {repeat}:")
+    for dtype in (torch.float32, torch.bfloat16):
+        t = qlora_layer_step_time(compute_dtype=dtype, repeat=repeat, warmup=warmup,
+                                  threads=threads)
+        out[str(dtype).replace("torch.", "")] = t
+        say(f"  compute {str(dtype).replace('torch.', ''):9s}: step 4-bit base "
+            f"{t['4-bit'] * 1e3:7.1f} ms, 16-bit base {t['16-bit'] * 1e3:7.1f} ms "
+            f"(x{t['4-bit'] / t['16-bit']:.2f}); forward {t['forward 4-bit'] * 1e3:.1f} vs "
+            f"{t['forward 16-bit'] * 1e3:.1f} ms; one dequantize {t['dequantize'] * 1e3:.1f} ms")
+    return out
+
+
+# -- machine and versions ----------------------------------------------------------------
+
+def machine_info() -> dict:
+    """CPU model and core count, and the versions of everything in the table."""
+    def version(module):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                logging.disable(logging.WARNING)
+                try:
+                    return __import__(module).__version__
+                finally:
+                    logging.disable(logging.NOTSET)
+        except Exception:  # noqa: BLE001
+            return "not installed"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "torch": version("torch"),
+            "bitsandbytes": version("bitsandbytes"), "torchao": version("torchao"),
+            "cython": version("Cython"),
+            "openmp": bool(cython_available() and kernels().openmp_enabled())}
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add this benchmark's options to ``parser`` (for the ``qlora-ref bench`` subcommand)."""
+    parser.add_argument("--size", nargs="+", default=None, metavar="N|RxC",
+                        help="matrix sizes (default: 4096 256, i.e. 4096x4096 and 256x256)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the multi-threaded rows (default: all cores)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs, best kept (default 7)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a fast look: 3 runs, sizes 1024 and 256, no layer timing")
+    parser.add_argument("--no-layer", action="store_true",
+                        help="skip the LoRA layer forward/backward timing")
+    parser.add_argument("--format", choices=("text", "md"), default="text",
+                        help="plain text or Markdown tables")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the matrices")
+    return parser
+
+
+def main(args=None) -> int:
+    """Run from ``python -m qlora_ref.bench`` (argv list or None) or a parsed ``Namespace``."""
+    if not isinstance(args, argparse.Namespace):
+        parser = add_arguments(argparse.ArgumentParser(
+            prog="python -m qlora_ref.bench", description=__doc__.split("\n\n")[0]))
+        args = parser.parse_args(args)
+    sizes = args.size or (["1024", "256"] if args.quick else ["4096", "256"])
+    repeat = 3 if args.quick else args.repeat
+    run_benchmarks(sizes=[_parse_size(s) for s in sizes], threads=args.threads, repeat=repeat,
+                   warmup=args.warmup, seed=args.seed, layer=not (args.no_layer or args.quick),
+                   fmt=args.format)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

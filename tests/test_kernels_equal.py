@@ -1,0 +1,215 @@
+"""Every Cython kernel gives the same bytes as its NumPy twin (STYLE rule 4).
+
+One test per kernel of :mod:`qlora_ref._kernels.quant4`, called directly
+(not through :func:`qlora_ref.quantize_4bit`), on random lengths: odd
+counts, trailing partial blocks, one-element inputs, with 1 and 2 threads.
+The data mixes normal values with the cases the fast paths treat
+specially: exact zeros and all-zero blocks, subnormals, huge magnitudes,
+and values lying *exactly* on a decision midpoint (the tie rule: the lower
+code wins, ``searchsorted(..., side="left")``).
+
+The bfloat16 kernels are compared with torch: the NumPy float32 result,
+rounded by ``torch.Tensor.to(torch.bfloat16)``.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import qlora_ref
+from qlora_ref import blockwise, packing
+from qlora_ref.codebooks import code_for, dynamic_code
+from qlora_ref.double_quant import NESTED_BLOCKSIZE, double_dequantize
+
+pytestmark = pytest.mark.skipif(not qlora_ref.cython_available(),
+                                reason="the Cython extension is not built in this environment")
+
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+THREADS = st.sampled_from([1, 2])
+
+
+def _kernels():
+    from qlora_ref.backend import kernels
+    return kernels()
+
+
+def _tables(code):
+    """What the kernels take for a codebook: sorted midpoints, sort order, the code of 0."""
+    midpoints, order = blockwise.decision_boundaries(code)
+    pad = int(blockwise.nearest_code(np.zeros(1, np.float32), code)[0])
+    return midpoints, order.astype(np.uint8), pad
+
+
+def _data(seed, n, blocksize, code):
+    """float32 data of length n with zeros, zero blocks, subnormals, huge values and ties."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(10.0) ** rng.integers(-30, 30)
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    x[rng.random(n) < 0.05] = 0.0
+    x[rng.random(n) < 0.02] = np.float32(1e-41) * rng.choice([-1, 1])    # subnormals
+    if n > blocksize and rng.random() < 0.3:
+        x[:blocksize] = 0.0                                                # a whole zero block
+    # A block whose absmax is exactly 1 (so the scale is exactly 1) holding
+    # values exactly on the midpoints: every tie, in both directions.
+    midpoints = blockwise.decision_boundaries(code)[0]
+    b = rng.integers(0, -(-n // blocksize))
+    block = x[b * blocksize:(b + 1) * blocksize]
+    ties = np.concatenate([[1.0], midpoints, rng.choice(code, 8)]).astype(np.float32)
+    block[: len(ties)] = ties[: len(block)]
+    block[len(ties):] = np.clip(block[len(ties):], -1, 1)
+    return x
+
+
+def _bf16_bits(x32):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(x32)).to(torch.bfloat16).view(torch.int16) \
+        .numpy().view(np.uint16)
+
+
+# -- quantization ----------------------------------------------------------------
+
+@given(n=st.integers(1, 9000), seed=st.integers(0, 2**32 - 1),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from(BLOCKSIZES),
+       num_threads=THREADS)
+def test_quantize_4bit_packed(n, seed, quant_type, blocksize, num_threads):
+    code = code_for(quant_type)
+    midpoints, order, pad = _tables(code)
+    x = _data(seed, n, blocksize, code)
+    codes_ref, absmax_ref = blockwise.quantize_blockwise(x, code, blocksize)
+    packed_ref = packing.pack_nibbles(codes_ref, pad=pad)
+
+    n_blocks = -(-n // blocksize)
+    packed = np.full((n + 1) // 2, 0xAA, np.uint8)
+    absmax = np.full(n_blocks, np.nan, np.float32)
+    _kernels().quantize_4bit_packed(x, midpoints, order, blocksize, pad, packed, absmax,
+                                    num_threads)
+    np.testing.assert_array_equal(absmax.view(np.uint32), absmax_ref.view(np.uint32))
+    np.testing.assert_array_equal(packed, packed_ref)
+
+
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1),
+       which=st.sampled_from(["nf4", "fp4", "int4", "dynamic"]),
+       blocksize=st.sampled_from([32, 64, 256, 4096]), num_threads=THREADS)
+def test_quantize_blockwise(n, seed, which, blocksize, num_threads):
+    """The generic kernel: 4-bit codes, and the 8-bit dynamic code of double quantization."""
+    code = dynamic_code() if which == "dynamic" else code_for(which)
+    midpoints, order, _ = _tables(code)
+    x = _data(seed, n, blocksize, code)
+    codes_ref, absmax_ref = blockwise.quantize_blockwise(x, code, blocksize)
+
+    codes = np.full(n, 0xAA, np.uint8)
+    absmax = np.full(-(-n // blocksize), np.nan, np.float32)
+    log2_levels = int(np.log2(len(code)))
+    _kernels().quantize_blockwise(x, midpoints, order, log2_levels, blocksize, codes, absmax,
+                                  num_threads)
+    np.testing.assert_array_equal(absmax.view(np.uint32), absmax_ref.view(np.uint32))
+    np.testing.assert_array_equal(codes, codes_ref)
+
+
+# -- dequantization --------------------------------------------------------------
+
+def _random_state(seed, n, blocksize, quant_type="nf4"):
+    """Random packed codes and constants (every byte value, not only ones quantize makes)."""
+    rng = np.random.default_rng(seed)
+    n_blocks = -(-n // blocksize)
+    packed = rng.integers(0, 256, (n + 1) // 2).astype(np.uint8)
+    absmax = (rng.random(n_blocks) * np.float32(10.0) ** rng.integers(-30, 30)).astype(np.float32)
+    absmax[rng.random(n_blocks) < 0.1] = 0.0
+    absmax_codes = rng.integers(0, 256, n_blocks).astype(np.uint8)
+    nested_absmax = rng.random(-(-n_blocks // NESTED_BLOCKSIZE)).astype(np.float32)
+    offset = np.float32(rng.random())
+    return code_for(quant_type), packed, absmax, absmax_codes, nested_absmax, offset
+
+
+@given(n=st.integers(1, 9000), seed=st.integers(0, 2**32 - 1),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from(BLOCKSIZES),
+       num_threads=THREADS)
+def test_dequantize_4bit_packed_f32_and_bf16(n, seed, quant_type, blocksize, num_threads):
+    code, packed, absmax, *_ = _random_state(seed, n, blocksize, quant_type)
+    ref = blockwise.dequantize_blockwise(packing.unpack_nibbles(packed, n), absmax, code,
+                                         blocksize)
+    out = np.full(n, np.nan, np.float32)
+    _kernels().dequantize_4bit_packed(packed, absmax, code, blocksize, out, num_threads)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+    bits = np.full(n, 0xFFFF, np.uint16)
+    _kernels().dequantize_4bit_packed_bf16(packed, absmax, code, blocksize, bits, num_threads)
+    np.testing.assert_array_equal(bits, _bf16_bits(ref))
+
+
+@given(n=st.integers(1, 40000), seed=st.integers(0, 2**32 - 1),
+       blocksize=st.sampled_from([32, 64, 128]), num_threads=THREADS)
+def test_dequantize_4bit_packed_nested_f32_and_bf16(n, seed, blocksize, num_threads):
+    """Up to 40000 elements so that several nested blocks (256 constants each) occur."""
+    code, packed, _, absmax_codes, nested_absmax, offset = _random_state(seed, n, blocksize)
+    nested_code = dynamic_code()
+    absmax = double_dequantize(absmax_codes, nested_absmax, offset, NESTED_BLOCKSIZE)
+    ref = blockwise.dequantize_blockwise(packing.unpack_nibbles(packed, n), absmax, code,
+                                         blocksize)
+    args = (packed, absmax_codes, nested_absmax, nested_code, float(offset), NESTED_BLOCKSIZE,
+            code, blocksize)
+    out = np.full(n, np.nan, np.float32)
+    _kernels().dequantize_4bit_packed_nested(*args, out, num_threads)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+    bits = np.full(n, 0xFFFF, np.uint16)
+    _kernels().dequantize_4bit_packed_nested_bf16(*args, bits, num_threads)
+    np.testing.assert_array_equal(bits, _bf16_bits(ref))
+
+
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1),
+       blocksize=st.sampled_from([32, 256, 4096]), num_threads=THREADS)
+def test_dequantize_blockwise(n, seed, blocksize, num_threads):
+    rng = np.random.default_rng(seed)
+    code = dynamic_code()
+    codes = rng.integers(0, 256, n).astype(np.uint8)
+    absmax = rng.standard_normal(-(-n // blocksize)).astype(np.float32)
+    ref = blockwise.dequantize_blockwise(codes, absmax, code, blocksize)
+    out = np.full(n, np.nan, np.float32)
+    _kernels().dequantize_blockwise(codes, absmax, code, blocksize, out, num_threads)
+    np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_bfloat16_rounding_edges():
+    """Ties to even, carries into the exponent, the largest finite values, subnormals, zeros."""
+    specials = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F7FFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                         0x7F7F8000, 0x00008000, 0x00018000, 0x0000FFFF, 0x80000000, 0x00000000,
+                         0x00400000, 0x80408000], dtype=np.uint32).view(np.float32)
+    code = np.ones(16, np.float32)                    # every code is 1: the output is the scale
+    absmax = specials.copy()                          # one block of 32 per special value
+    packed = np.zeros(16 * len(specials), np.uint8)
+    bits = np.empty(32 * len(specials), np.uint16)
+    _kernels().dequantize_4bit_packed_bf16(packed, absmax, code, 32, bits, 1)
+    np.testing.assert_array_equal(bits[::32], _bf16_bits(specials))
+
+
+# -- packing ---------------------------------------------------------------------
+
+@given(n=st.integers(1, 100_000), seed=st.integers(0, 2**32 - 1), pad=st.integers(0, 15),
+       num_threads=THREADS)
+def test_pack_and_unpack_nibbles(n, seed, pad, num_threads):
+    """Lengths past one parallel span (16384 bytes), odd and even."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, n).astype(np.uint8)
+    packed = np.full((n + 1) // 2, 0xAA, np.uint8)
+    _kernels().pack_nibbles(codes, pad, packed, num_threads)
+    np.testing.assert_array_equal(packed, packing.pack_nibbles(codes, pad=pad))
+
+    unpacked = np.full(n, 0xAA, np.uint8)
+    _kernels().unpack_nibbles(packed, unpacked, num_threads)
+    np.testing.assert_array_equal(unpacked, packing.unpack_nibbles(packed, n))
+
+
+# -- through the public API --------------------------------------------------------
+
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1), double_quant=st.booleans(),
+       num_threads=THREADS)
+def test_dequantize_4bit_to_bfloat16_uses_the_kernel_and_matches_torch(n, seed, double_quant,
+                                                                       num_threads):
+    import torch
+    x = _data(seed, n, 64, code_for("nf4"))
+    state = qlora_ref.quantize_4bit(x, double_quant=double_quant, backend="numpy")
+    ref = qlora_ref.dequantize_4bit(state, dtype="bfloat16", backend="numpy")
+    fast = qlora_ref.dequantize_4bit(state, dtype="bfloat16", backend="cython",
+                                     num_threads=num_threads)
+    assert fast.dtype == ref.dtype == torch.bfloat16 and fast.shape == ref.shape
+    assert torch.equal(fast.view(torch.int16), ref.view(torch.int16))

@@ -1,0 +1,166 @@
+"""Specification of qlora_ref.save_adapter / load_adapter: PEFT's format, checked with the real PEFT.
+
+A tiny LLaMA built from a config (no download) is the base. Adapters saved
+by qlora_ref open in ``peft.PeftModel.from_pretrained`` and give the same
+logits; adapters saved by PEFT load into qlora_ref. With a 4-bit base, PEFT's
+base is given our dequantized weights.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+import qlora_ref
+from qlora_ref.nn import LoRALinear
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+# PEFT calls a transformers method that transformers 5 deprecates; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # same function, possibly another order of float32 sums
+
+
+@pytest.fixture(scope="module")
+def llama():
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def randomize_adapters(model, seed=2):
+    """Trained-looking adapters: B != 0, so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
+
+
+def with_weights_of(model, prepared):
+    """A copy of ``model`` whose adapted layers hold ``prepared``'s dequantized base weights."""
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in prepared.named_modules():
+            if isinstance(m, LoRALinear):
+                dense.get_submodule(name).weight.copy_(m.base_layer.dequantize(torch.float32))
+    return dense
+
+
+def test_saved_files_use_peft_keys_and_config(llama, tmp_path):
+    model = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, lora_alpha=8,
+                                    target_modules=["q_proj", "v_proj"], quant_type=None)
+    qlora_ref.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["target_modules"] == sorted(n for n, m in model.named_modules()
+                                              if isinstance(m, LoRALinear))
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert tensors[key].shape == (4, 256)
+    assert len(tensors) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+
+
+def test_peft_opens_our_adapter_with_a_16bit_base(llama, tokens, tmp_path):
+    ours = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, lora_alpha=8, quant_type=None)
+    randomize_adapters(ours)
+    assert not torch.allclose(logits(ours, tokens), logits(llama, tokens), **TOL)
+    qlora_ref.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path).eval()
+    # bit-identical: LoRALinear computes base(x) + B(A(x)) * scaling in PEFT's order
+    assert torch.equal(logits(theirs, tokens), logits(ours, tokens))
+
+
+def test_peft_opens_our_adapter_over_our_dequantized_4bit_base(llama, tokens, tmp_path):
+    ours = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, lora_alpha=8, quant_type="nf4")
+    randomize_adapters(ours)
+    qlora_ref.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(with_weights_of(llama, ours), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, tokens), logits(ours, tokens), **TOL)
+
+
+def test_we_load_what_peft_saved_including_a_rank_pattern(llama, tokens, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4},
+                             init_lora_weights=False)  # random B: a non-trivial adapter
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(llama), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path)  # prepares a 16-bit base
+    down = ours.get_submodule("model.layers.1.mlp.down_proj")
+    assert down.r == 2 and down.scaling == 16 / 2
+    assert ours.get_submodule("model.layers.0.self_attn.v_proj").scaling == 4 / 4
+    torch.testing.assert_close(logits(ours, tokens), logits(theirs, tokens), **TOL)
+
+
+def test_we_load_peft_adapter_over_a_4bit_base(llama, tokens, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                             init_lora_weights=False)
+    torch.manual_seed(4)
+    saved = peft.get_peft_model(copy.deepcopy(llama), config)
+    saved.save_pretrained(tmp_path)
+    ours = qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path, quant_type="nf4")
+    assert len([m for m in ours.modules() if isinstance(m, LoRALinear)]) == 2 * 7
+    theirs = peft.PeftModel.from_pretrained(with_weights_of(llama, ours), tmp_path).eval()
+    torch.testing.assert_close(logits(ours, tokens), logits(theirs, tokens), **TOL)
+
+
+def test_round_trip_through_our_own_files(llama, tokens, tmp_path):
+    ours = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, quant_type="nf4")
+    randomize_adapters(ours)
+    qlora_ref.save_adapter(ours, tmp_path)
+    fresh = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, quant_type="nf4")
+    qlora_ref.load_adapter(fresh, tmp_path)
+    for (name, a), (_, b) in zip(ours.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(logits(fresh, tokens), logits(ours, tokens))
+
+
+def test_loading_an_adapter_of_another_shape_is_a_value_error(llama, tmp_path):
+    small = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["q_proj"],
+                                    quant_type=None)
+    qlora_ref.save_adapter(small, tmp_path)
+    other_rank = qlora_ref.prepare_model(copy.deepcopy(llama), r=8, target_modules=["q_proj"],
+                                         quant_type=None)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj'.*lora_A has shape "
+                                         r"\(4, 256\).*needs \(8, 256\)"):
+        qlora_ref.load_adapter(other_rank, tmp_path)
+    fewer = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["k_proj"],
+                                    quant_type=None)
+    with pytest.raises(ValueError, match="not LoRA layers of the model"):
+        qlora_ref.load_adapter(fewer, tmp_path)
+    more = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["q_proj", "k_proj"],
+                                   quant_type=None)
+    with pytest.raises(ValueError, match="no weights for the model's LoRA layers"):
+        qlora_ref.load_adapter(more, tmp_path)
+    qlora_ref.load_adapter(more, tmp_path, strict=False)  # k_proj keeps its own adapters
+
+
+def test_options_that_change_the_formula_are_refused(llama, tmp_path):
+    model = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["q_proj"],
+                                    quant_type=None)
+    qlora_ref.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    with pytest.raises(ValueError, match="use_rslora"):
+        qlora_ref.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        qlora_ref.load_adapter(model, tmp_path / "missing")
+    with pytest.raises(ValueError, match="no LoRALinear layers"):
+        qlora_ref.save_adapter(torch.nn.Linear(2, 2), tmp_path)
