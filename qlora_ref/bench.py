@@ -33,8 +33,9 @@ Method (named notes):
   plain torch. Ratios ("x bnb") compare rows with the same thread count.
 * *Dynamo off.* bitsandbytes wraps some CPU fallbacks in ``torch.compile``;
   compiling would dominate the first calls (and the fallbacks are not taken
-  for these shapes). ``TORCHDYNAMO_DISABLE=1`` is set when this module is
-  imported before torch, and ``torch._dynamo.config.disable`` for the run.
+  for these shapes). :func:`main` sets ``TORCHDYNAMO_DISABLE=1`` (unless set)
+  before torch is imported, and :func:`run_benchmarks` sets
+  ``torch._dynamo.config.disable`` for the run.
 * *Allocation included.* Every row returns a fresh output (as the APIs do);
   the copy row copies into a preallocated buffer.
 * *A benchmark, not a test*: nothing here asserts a speed. The Cython outputs
@@ -59,13 +60,11 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch is imported (see "Dynamo off")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from . import packing  # noqa: E402
-from .backend import cython_available, default_num_threads, kernels  # noqa: E402
-from .fourbit import dequantize_4bit, quantize_4bit  # noqa: E402
+from . import packing
+from .backend import cython_available, default_num_threads, kernels
+from .fourbit import dequantize_4bit, quantize_4bit
 
 __all__ = ["run_benchmarks", "qlora_layer_step_time", "add_arguments", "main", "OPERATIONS"]
 
@@ -86,35 +85,43 @@ def _calibrate(fn) -> tuple[int, float, object]:
     return max(1, math.ceil(_MIN_SAMPLE_S / max(elapsed, 1e-7))), elapsed, result
 
 
-def _measure(rows: dict, repeat: int, warmup: int, set_threads=None) -> tuple[dict, dict, dict]:
+def _measure(rows: dict, repeat: int, warmup: int, set_threads=None) -> dict:
     """Best seconds per call for each ``name -> (threads, fn)``.
 
     Rows run in phases, one per thread count (single-threaded rows first),
     and take turns within a phase. ``set_threads(t)`` is called when a phase
-    starts (torch's and bitsandbytes' OpenMP pools). Returns (best seconds,
-    samples taken, the result of each function's first call).
+    starts (torch's and bitsandbytes' OpenMP pools). Returns, per row: the
+    best wall-clock seconds, the best CPU seconds of the calling thread
+    (single-threaded rows only; see "CPU time"), the samples taken, and the
+    result of the first call.
     """
-    batch, first, results, best, taken = {}, {}, {}, {}, {}
+    out = {}
     for t in sorted({threads for threads, _ in rows.values()}):
         phase = {name: fn for name, (threads, fn) in rows.items() if threads == t}
         if set_threads is not None:
             set_threads(t)
+        batch = {}
         for name, fn in phase.items():
-            batch[name], first[name], results[name] = _calibrate(fn)
+            batch[name], first, result = _calibrate(fn)
             for _ in range(warmup - 1):
                 fn()
-            best[name], taken[name] = math.inf, 0
+            out[name] = {"seconds": math.inf, "cpu_seconds": math.inf if t == 1 else None,
+                         "samples": 0, "first": first, "result": result}
         for i in range(repeat):
             for name, fn in phase.items():
-                if i >= 3 and first[name] > _SLOW_CALL_S:
+                r = out[name]
+                if i >= 3 and r["first"] > _SLOW_CALL_S:
                     continue
                 k = batch[name]
-                start = time.perf_counter()
+                cpu, start = time.thread_time(), time.perf_counter()
                 for _ in range(k):
                     fn()
-                best[name] = min(best[name], (time.perf_counter() - start) / k)
-                taken[name] += 1
-    return best, taken, results
+                wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
+                r["seconds"] = min(r["seconds"], wall / k)
+                if r["cpu_seconds"] is not None:
+                    r["cpu_seconds"] = min(r["cpu_seconds"], cpu / k)
+                r["samples"] += 1
+    return out
 
 
 @contextlib.contextmanager
@@ -232,13 +239,19 @@ def _rows_for(op: str, x, state, codes, threads: int, libs: dict, cache: dict) -
     to_nf4 = libs["torchao"]
     if to_nf4 is not None and op in ("quantize", "dequant f32", "dequant bf16"):
         if "torchao" not in cache:
-            cache["torchao"] = to_nf4(xt, 64, 256)
+            try:  # torchao wants whole groups of 256 blocks: n % 16384 == 0
+                cache["torchao"] = to_nf4(xt, 64, 256)
+            except (AssertionError, RuntimeError, ValueError) as exc:
+                cache["torchao"] = None
+                libs["notes"].append(f"torchao NF4: no rows for shape {x.shape} "
+                                     f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
         nf4 = cache["torchao"]
-        fn = {"quantize": lambda: to_nf4(xt, 64, 256),
-              "dequant f32": nf4.get_original_weight,
-              "dequant bf16": lambda: nf4.to(torch.bfloat16)}[op]
-        for t in counts:
-            rows[f"torchao NF4, {t} thr"] = (t, fn)
+        if nf4 is not None:
+            fn = {"quantize": lambda: to_nf4(xt, 64, 256),
+                  "dequant f32": nf4.get_original_weight,
+                  "dequant bf16": lambda: nf4.to(torch.bfloat16)}[op]
+            for t in counts:
+                rows[f"torchao NF4, {t} thr"] = (t, fn)
 
     # the bandwidth limit: copy as many bytes as the operation writes
     out_bytes = {"quantize": state.nbytes, "dequant f32": 4 * n, "dequant bf16": 2 * n,
@@ -321,7 +334,7 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
 
     file = file or sys.stdout
     threads = threads or default_num_threads()
-    libs = {"omp_set_num_threads": _omp_set_num_threads()}
+    libs = {"omp_set_num_threads": _omp_set_num_threads(), "notes": []}
     libs["bitsandbytes"], bnb_note = _load_bitsandbytes()
     libs["torchao"], tao_note = _load_torchao()
     machine = machine_info()
@@ -370,24 +383,35 @@ def _bench_size(rows_, cols, threads, repeat, warmup, seed, libs, fmt, say) -> d
     state = quantize_4bit(x)                               # NF4, blocksize 64, double quant
     codes = packing.unpack_nibbles(state.packed, x.size)   # (n,) uint8 codes 0..15
     n = x.size
-    results = {}
-    same, cache = {}, {}
+    results, same, cache = {}, {}, {}
     for op in OPERATIONS:
         rows = _rows_for(op, x, state, codes, threads, libs, cache)
-        best, taken, outputs = _measure(rows, repeat, warmup, _thread_setter(libs))
-        same[op] = _same_bytes(op, outputs)
-        results[op] = {name: {"seconds": best[name], "samples": taken[name],
-                              "melem_s": n / best[name] / 1e6} for name in rows}
-    _print_table(f"{rows_}x{cols} float32 ({n / 1e6:.3g} M elements, "
-                 f"{x.nbytes / 2**20:.3g} MiB)", results, threads, same, fmt, say)
-    return results
+        measured = _measure(rows, repeat, warmup, _thread_setter(libs))
+        same[op] = _same_bytes(op, {name: r.pop("result") for name, r in measured.items()})
+        for r in measured.values():
+            r["melem_s"] = n / r["seconds"] / 1e6
+            r["cpu_melem_s"] = None if r["cpu_seconds"] is None else n / r["cpu_seconds"] / 1e6
+        results[op] = measured
+    title = f"{rows_}x{cols} float32 ({n / 1e6:.3g} M elements, {x.nbytes / 2**20:.3g} MiB)"
+    _print_table(title, results, same, fmt, say, clock="wall")
+    _print_table(title, results, same, fmt, say, clock="cpu")
+    for note in libs["notes"]:
+        say(note)
+    libs["notes"].clear()
+    return {"results": results, "byte_identical": same}
 
 
-def _print_table(title, results, threads, same, fmt, say):
+def _print_table(title, results, same, fmt, say, clock="wall"):
+    """One table: a row per implementation, a column per operation.
+
+    ``clock="cpu"``: the single-threaded rows again, timed by the CPU time of
+    the calling thread (see the module note "CPU time").
+    """
+    key = "seconds" if clock == "wall" else "cpu_seconds"
     labels = []
     for op in OPERATIONS:
-        for name in results[op]:
-            if name not in labels and name != "memory copy":
+        for name, r in results[op].items():
+            if name not in labels and name != "memory copy" and r[key] is not None:
                 labels.append(name)
     labels.append("memory copy")
 
@@ -395,39 +419,51 @@ def _print_table(title, results, threads, same, fmt, say):
         r = results[op].get(name)
         if r is None:
             return "n/a"
-        text = f"{r['melem_s']:,.0f}" if r["melem_s"] >= 10 else f"{r['melem_s']:.2f}"
-        t = name.rsplit(", ", 1)[-1] if "thr" in name else "1 thr"
-        ref = results[op].get(f"bitsandbytes, {t}")
+        rate = results[op][name]["melem_s" if clock == "wall" else "cpu_melem_s"]
+        text = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+        threads = name.rsplit(", ", 1)[-1] if "thr" in name else "1 thr"
+        ref = results[op].get(f"bitsandbytes, {threads}")
         if ref is not None and name != "memory copy":
-            text += f" ({ref['seconds'] / r['seconds']:.2g}x)" if ref["seconds"] / r["seconds"] < 10 \
-                else f" ({ref['seconds'] / r['seconds']:.0f}x)"
+            ratio = ref[key] / r[key]
+            text += f" ({ratio:.2g}x)" if ratio < 10 else f" ({ratio:.0f}x)"
         return text
 
     def share(op, name):
         r, c = results[op].get(name), results[op]["memory copy"]
-        return "n/a" if r is None else f"{100 * c['seconds'] / r['seconds']:.0f}%"
+        return "n/a" if r is None else f"{100 * c[key] / r[key]:.0f}%"
 
     head = ["", *OPERATIONS]
     body = [[name, *(cell(op, name) for op in OPERATIONS)] for name in labels]
     for name in labels:
         if name.startswith("cython"):
             body.append([f"{name}: % of copy", *(share(op, name) for op in OPERATIONS)])
+    numpy_ref = "numpy reference"
+    for name in labels:
+        if name.startswith("cython") and numpy_ref in labels:
+            body.append([f"numpy ref. slower than {name} by", *(
+                f"{results[op][numpy_ref][key] / results[op][name][key]:.1f}x"
+                for op in OPERATIONS)])
     body.append(["Cython == NumPy bytes", *("yes" if same[op] else "n/a" if same[op] is None
                                              else "NO" for op in OPERATIONS)])
-    say(f"\n{title}: Melem/s (x bitsandbytes' CPU path on as many threads)")
-    if fmt == "md":
-        say("| " + " | ".join(head) + " |")
+    if clock == "wall":
+        say(f"\n{title}\nMelem/s, wall clock (x bitsandbytes' CPU path on as many threads):")
+    else:
+        say("Same run, single-threaded rows by CPU time of the calling thread "
+            "(the time this machine's other jobs took is left out):")
+    if fmt == "md":  # blank lines around the table: Markdown needs them
+        say("\n| " + " | ".join(head) + " |")
         say("|" + "---|" * len(head))
         for line in body:
             say("| " + " | ".join(line) + " |")
+        say("")
     else:
         widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
         for line in [head, *body]:
             say("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                           for i, (c, w) in enumerate(zip(line, widths))))
-    bytes_line = ", ".join(f"{op} {results[op]['memory copy']['seconds'] * 1e3:.3g} ms"
-                           for op in OPERATIONS)
-    say(f"memory copy = np.copyto of the bytes each operation writes; time per copy: {bytes_line}")
+    copies = ", ".join(f"{op} {results[op]['memory copy'][key] * 1e3:.3g} ms"
+                       for op in OPERATIONS)
+    say(f"memory copy = np.copyto of the bytes each operation writes: {copies}")
 
 
 # -- a QLoRA layer, forward and backward ------------------------------------------------
@@ -456,8 +492,10 @@ def qlora_layer_step_time(in_features: int = 4096, out_features: int = 4096, tok
     from .nn import LoRALinear
 
     compute_dtype = compute_dtype or torch.float32
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or default_num_threads())
+    threads = threads or default_num_threads()
+    previous = torch.get_num_threads(), os.environ.get("QLORA_REF_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["QLORA_REF_NUM_THREADS"] = str(threads)   # the layer's dequantization kernels
     try:
         torch.manual_seed(seed)
         linear = torch.nn.Linear(in_features, out_features).to(compute_dtype)
@@ -484,26 +522,33 @@ def qlora_layer_step_time(in_features: int = 4096, out_features: int = 4096, tok
         rows.update({f"forward {name}": (1, lambda layer=layer: forward(layer))
                      for name, layer in layers.items()})
         rows["dequantize"] = (1, lambda: base.dequantize(compute_dtype))
-        best, _, _ = _measure(rows, repeat, warmup)
-        return best
+        measured = _measure(rows, repeat, warmup)
+        return {name: r["seconds"] for name, r in measured.items()}
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous[0])
+        if previous[1] is None:
+            del os.environ["QLORA_REF_NUM_THREADS"]
+        else:
+            os.environ["QLORA_REF_NUM_THREADS"] = previous[1]
 
 
 def _print_layer(threads, repeat, warmup, fmt, say) -> dict:
-    import torch
+    """The layer step in float32 on 1 and ``threads`` threads.
 
+    (bfloat16 is left out of the default run: on a CPU without native
+    bfloat16 arithmetic torch's bfloat16 matmuls are several times slower
+    than float32 and would measure that, not the 4-bit base.)
+    """
     out = {}
-    say(f"\nLoRA layer 4096 -> 4096, r=16, 256 tokens, forward + backward (x.requires_grad), "
-        f"torch on {threads} threads; best of {repeat}:")
-    for dtype in (torch.float32, torch.bfloat16):
-        t = qlora_layer_step_time(compute_dtype=dtype, repeat=repeat, warmup=warmup,
-                                  threads=threads)
-        out[str(dtype).replace("torch.", "")] = t
-        say(f"  compute {str(dtype).replace('torch.', ''):9s}: step 4-bit base "
-            f"{t['4-bit'] * 1e3:7.1f} ms, 16-bit base {t['16-bit'] * 1e3:7.1f} ms "
-            f"(x{t['4-bit'] / t['16-bit']:.2f}); forward {t['forward 4-bit'] * 1e3:.1f} vs "
-            f"{t['forward 16-bit'] * 1e3:.1f} ms; one dequantize {t['dequantize'] * 1e3:.1f} ms")
+    say("\nLoRA layer 4096 -> 4096, r=16, 256 tokens, float32, forward + backward "
+        f"(x.requires_grad); best of {repeat}:")
+    for t in ([1] if threads == 1 else [1, threads]):
+        r = qlora_layer_step_time(repeat=repeat, warmup=warmup, threads=t)
+        out[f"{t} thr"] = r
+        say(f"  {t} thr: step with 4-bit base {r['4-bit'] * 1e3:6.1f} ms, 16-bit base "
+            f"{r['16-bit'] * 1e3:6.1f} ms (x{r['4-bit'] / r['16-bit']:.2f}); forward only "
+            f"{r['forward 4-bit'] * 1e3:.1f} vs {r['forward 16-bit'] * 1e3:.1f} ms; "
+            f"one dequantize of the base {r['dequantize'] * 1e3:.1f} ms (a step does two)")
     return out
 
 
@@ -561,6 +606,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args=None) -> int:
     """Run from ``python -m qlora_ref.bench`` (argv list or None) or a parsed ``Namespace``."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch is imported ("Dynamo off")
     if not isinstance(args, argparse.Namespace):
         parser = add_arguments(argparse.ArgumentParser(
             prog="python -m qlora_ref.bench", description=__doc__.split("\n\n")[0]))

@@ -84,9 +84,19 @@ def nearest_code(normalized: np.ndarray, code: np.ndarray) -> np.ndarray:
     **Tie rule**: a value exactly on a midpoint goes to the *lower* code
     value (``searchsorted(..., side="left")``), as bitsandbytes' CPU path
     (``torch.bucketize``) and its CUDA NF4 kernel (``x > threshold``) do.
+
+    Note (speed): for a 4-bit code :math:`k(v)` is counted as written, 15
+    vectorised comparisons, several times faster than NumPy's binary search
+    (``searchsorted``), which longer codes use. Both give the same integers
+    for finite input.
     """
     midpoints, order = decision_boundaries(code)
-    position = np.searchsorted(midpoints, normalized, side="left")  # eq. k(v)
+    if len(midpoints) < 16:                                      # 4-bit codes
+        position = np.zeros(np.shape(normalized), dtype=np.uint8)
+        for m in midpoints:
+            position += normalized > m                           # eq. k(v), one j at a time
+    else:                                                        # e.g. the 8-bit dynamic code
+        position = np.searchsorted(midpoints, normalized, side="left")  # eq. k(v)
     return order[position].astype(np.uint8)
 
 

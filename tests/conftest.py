@@ -4,12 +4,16 @@
   CI machine takes longer than the tests, so dynamo is disabled for the
   test session (this changes no arithmetic: the eager path computes the same
   float32 operations).
+* OpenMP waits passively (see below).
 * Hypothesis runs a fixed, moderate number of examples without deadlines
   (timings on a shared CI machine are noisy).
 """
 import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# OpenMP threads that spin while waiting make small torch ops 100x slower on a
+# busy 2-core machine; passive waiting costs nothing when the machine is idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

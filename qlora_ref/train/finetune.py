@@ -327,7 +327,9 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the frozen base is identical on every rank
 
     total = config.total_steps(world)
     last = total if stop_after is None else min(total, stop_after)

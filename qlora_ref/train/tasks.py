@@ -42,6 +42,7 @@ __all__ = [
     "MIN_DIGITS", "MAX_DIGITS", "EVAL_SEED", "EVAL_SIZE",
     "TASKS", "PRETRAIN_TASKS", "FINETUNE_TASKS", "DEFAULT_FINETUNE_TASK",
     "encode", "decode", "get_task", "held_out", "make_batch", "evaluate",
+    "sample_pairs", "encode_pairs",
 ]
 
 # ----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def decode(ids):
 # ----------------------------------------------------------------------------
 # task generators: numpy Generator -> (prompt, answer)
 
-MIN_DIGITS, MAX_DIGITS = 3, 8
+MIN_DIGITS, MAX_DIGITS = 3, 6
 
 
 def _digits(rng):
@@ -317,3 +318,21 @@ def evaluate(model, task, n=200, device=None, batch_size=256):
     finally:
         model.train(was_training)
     return {"accuracy": correct / len(pairs), "loss": loss_sum / n_tokens}
+
+
+def sample_pairs(task, n, rng):
+    """``n`` generated (prompt, answer) pairs of ``task``, none from any held-out set.
+
+    The fixed training set of :mod:`qlora_ref.train.finetune` is drawn with this.
+    """
+    gen, forbidden, pairs = get_task(task), _all_held_out_prompts(), []
+    while len(pairs) < n:
+        prompt, answer = gen(rng)
+        if prompt not in forbidden:
+            pairs.append((prompt, answer))
+    return pairs
+
+
+def encode_pairs(pairs, block_size):
+    """(x, y, loss_mask) LongTensors for a list of (prompt, answer) pairs; see :func:`make_batch`."""
+    return _encode_pairs(pairs, block_size)

@@ -1,0 +1,124 @@
+"""The main job end to end: fine-tuning learns, resuming is exact, DDP syncs adapters, the CLI fails clearly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_ref.train.finetune import FinetuneConfig, finetune, load_config
+from qlora_ref.train.pretrain import default_base_model_path
+
+pytestmark = pytest.mark.skipif(not default_base_model_path().is_file(),
+                                reason="the shipped base model is missing")
+
+SMALL = dict(max_steps=40, eval_size=100, train_size=600)
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "qlora_ref", *args], capture_output=True,
+                          text=True, **kwargs)
+
+
+def test_finetune_command_learns_and_writes_adapters_plot_and_report(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("finetune", "--max-steps", "120", "--output-dir", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"]["accuracy"], report["after"]["accuracy"]
+    assert after >= before + 0.3, f"accuracy {before:.3f} -> {after:.3f}: not well above the base"
+    assert report["after"]["loss"] < 0.5 * report["before"]["loss"]
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "loss_curve.png", "report.md", "checkpoint/training_state.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_only_adapters_train_and_the_base_is_4bit():
+    result = finetune(FinetuneConfig(max_steps=2, eval_size=20, train_size=100), device="cpu",
+                      progress=False)
+    p = result.parameters
+    assert 0 < p["trainable"] < 0.1 * p["total"]
+    assert 8 * p["base_bytes"] / p["base_params"] < 4.2, "the frozen base is stored in ~4.13 bits"
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resumed_run_ends_with_the_same_adapters(tmp_path, accumulation):
+    config = FinetuneConfig(**SMALL, lora_dropout=0.1, per_device_train_batch_size=16,
+                            gradient_accumulation_steps=accumulation, save_steps=1000)
+    straight = finetune(config, device="cpu", progress=False)
+    finetune(config, device="cpu", output_dir=tmp_path, stop_after=17, progress=False)
+    resumed = finetune(config, device="cpu", resume_from=tmp_path / "checkpoint", progress=False)
+    a = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.history == resumed.history
+
+
+def test_named_configurations_load_with_aliases(tmp_path):
+    shipped = os.path.join(os.path.dirname(__import__("qlora_ref").__file__), "configs",
+                           "finetune_configs.json")
+    config = load_config(shipped, "sort_tiny_4bits_r4_accum2")
+    assert config.r == 4 and config.gradient_accumulation_steps == 2
+    assert config.per_device_train_batch_size == 16
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"x": {"lora_rank": 4}}))
+    with pytest.raises(ValueError, match="lora_rank"):
+        load_config(bad, "x")
+    with pytest.raises(ValueError, match="has no configuration"):
+        load_config(shipped, "missing")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["finetune", "--task", "juggle"], "unknown task 'juggle'"),
+    (["finetune", "--base-model", "/nonexistent/model.safetensors"], "no base model file"),
+    (["quantize", "/nonexistent.npy"], "no such file"),
+    (["finetune", "--r", "0"], "r must be a positive integer"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+    result = run_cli(*args, "--output-dir" if args[0] == "finetune" else "--quiet",
+                     *([str(tmp_path)] if args[0] == "finetune" else []))
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_cli_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    result = run_cli("finetune", "--base-model", str(bad), "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "not a valid qlora_ref base model" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cli_cuda_without_gpu():
+    result = run_cli("finetune", "--device", "cuda")
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from qlora_ref.train.finetune import FinetuneConfig, finetune
+config = FinetuneConfig(max_steps=30, eval_size=50, train_size=600, per_device_train_batch_size=16)
+result = finetune(config, device="cpu", progress=False)
+rank = int(os.environ["RANK"])
+state = {n: p.detach() for n, p in result.model.named_parameters() if p.requires_grad}
+torch.save({"adapters": state, "history": result.history}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+"""
+
+
+def test_torchrun_two_processes_keep_identical_adapters_and_learn(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29533", str(script), str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, value in r0["adapters"].items():
+        assert torch.equal(value, r1["adapters"][name]), f"{name} differs across ranks"
+    losses = [loss for _, loss in r0["history"]]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, "the loss did not fall"
