@@ -106,5 +106,10 @@ def _insert_results(app, docname, source):
         source[0] = source[0].replace(_PLACEHOLDER, _results_toctree())
 
 
+def _reread_index(app, env, added, changed, removed):
+    return ["index"]  # so that a results page added since the last build joins its toctree
+
+
 def setup(app):
     app.connect("source-read", _insert_results)
+    app.connect("env-get-outdated", _reread_index)

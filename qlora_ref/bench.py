@@ -36,8 +36,24 @@ Method (named notes):
   for these shapes). :func:`main` sets ``TORCHDYNAMO_DISABLE=1`` (unless set)
   before torch is imported, and :func:`run_benchmarks` sets
   ``torch._dynamo.config.disable`` for the run.
-* *Allocation included.* Every row returns a fresh output (as the APIs do);
-  the copy row copies into a preallocated buffer.
+* *Allocation included, page faults not.* Every row returns a fresh output
+  (as the APIs do); the copy row copies into a preallocated buffer. Whether
+  a fresh 64 MiB output costs page faults depends on glibc's history: a
+  large free chunk inside the heap is reused without faults, otherwise the
+  request is a new ``mmap`` faulted in page by page (4 KiB pages for torch,
+  2 MiB huge pages for NumPy; 16384 faults cost bitsandbytes about 40 ms
+  here). To measure the operations rather than that history, the benchmark
+  sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` high (process
+  wide, ``mallopt``) so that outputs reuse heap memory;
+  ``--fresh-pages`` leaves the allocator alone. The tables print the page
+  faults per call of the dequantization rows.
+* *Copy.* ``np.copyto`` between page-aligned buffers: two consecutive heap
+  allocations sit 16 bytes past a multiple of 4096 apart, where glibc's
+  ``rep movsb`` copy runs 10-20x slower on some CPUs (this one included).
+* *CPU time.* On a shared machine a long call is more often interrupted
+  than a short one, which flatters the fast rows. The second table of each
+  size times the single-threaded rows by ``time.thread_time`` (CPU time of
+  the calling thread, system time of its page faults included).
 * *A benchmark, not a test*: nothing here asserts a speed. The Cython outputs
   are checked byte-identical to the NumPy ones on the benchmark data.
 
@@ -61,6 +77,11 @@ import time
 import warnings
 
 import numpy as np
+
+try:
+    import resource  # Unix: page-fault counts
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 from . import packing
 from .backend import cython_available, default_num_threads, kernels
@@ -106,22 +127,41 @@ def _measure(rows: dict, repeat: int, warmup: int, set_threads=None) -> dict:
             for _ in range(warmup - 1):
                 fn()
             out[name] = {"seconds": math.inf, "cpu_seconds": math.inf if t == 1 else None,
-                         "samples": 0, "first": first, "result": result}
+                         "page_faults": None, "samples": 0, "first": first, "result": result}
         for i in range(repeat):
             for name, fn in phase.items():
                 r = out[name]
                 if i >= 3 and r["first"] > _SLOW_CALL_S:
                     continue
                 k = batch[name]
+                faults = _minor_faults()
                 cpu, start = time.thread_time(), time.perf_counter()
                 for _ in range(k):
                     fn()
                 wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
-                r["seconds"] = min(r["seconds"], wall / k)
+                faults = (_minor_faults() - faults) / k
+                if wall / k < r["seconds"]:
+                    r["seconds"], r["page_faults"] = wall / k, faults
                 if r["cpu_seconds"] is not None:
                     r["cpu_seconds"] = min(r["cpu_seconds"], cpu / k)
                 r["samples"] += 1
     return out
+
+
+def _reuse_heap_memory() -> bool:
+    """Make glibc serve large blocks from the heap and keep freed ones (see "page faults not")."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3          # glibc's <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and
+                    libc.mallopt(m_trim_threshold, 1 << 31))
+    except (OSError, AttributeError):                        # not glibc
+        return False
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory); 0 if unknown."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 @contextlib.contextmanager
@@ -256,9 +296,26 @@ def _rows_for(op: str, x, state, codes, threads: int, libs: dict, cache: dict) -
     # the bandwidth limit: copy as many bytes as the operation writes
     out_bytes = {"quantize": state.nbytes, "dequant f32": 4 * n, "dequant bf16": 2 * n,
                  "pack": (n + 1) // 2, "unpack": n}[op]
-    src, dst = np.ones(out_bytes, np.uint8), np.zeros(out_bytes, np.uint8)
+    src, dst = _copy_buffers(out_bytes)
     rows["memory copy"] = (1, lambda: np.copyto(dst, src))
     return rows
+
+
+def _copy_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Page-aligned source and destination of ``nbytes`` each (see the note "Copy").
+
+    Two separate heap allocations often sit 16 bytes past a multiple of 4096
+    apart, and glibc's ``memcpy`` (``rep movsb``) is then 10-20x slower on
+    some CPUs; aligning both to a page gives the copy its full speed.
+    """
+    page = 4096
+    pad = -(-nbytes // page) * page                    # nbytes rounded up to a page
+    buf = np.empty(2 * pad + page, np.uint8)
+    start = (-buf.ctypes.data) % page
+    src, dst = buf[start:start + nbytes], buf[start + pad:start + pad + nbytes]
+    src.fill(1)
+    dst.fill(0)
+    return src, dst
 
 
 def _thread_setter(libs: dict):
@@ -307,7 +364,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None, repeat: int = 7,
                    warmup: int = 1, seed: int = 0, layer: bool = True, fmt: str = "text",
-                   file=None) -> dict:
+                   fresh_pages: bool = False, file=None) -> dict:
     """Time every operation for every implementation; print the tables; return the numbers.
 
     Parameters
@@ -323,6 +380,9 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
         Also time :func:`qlora_layer_step_time` (when ``qlora_ref.nn`` imports).
     fmt : {"text", "md"}
         Plain text, or a Markdown table (as in ``docs/benchmarks.md``).
+    fresh_pages : bool
+        Leave glibc's allocator alone (outputs may then be new, page-faulted
+        memory); by default it is set to reuse heap memory, process wide.
 
     Returns
     -------
@@ -338,8 +398,9 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
     libs["bitsandbytes"], bnb_note = _load_bitsandbytes()
     libs["torchao"], tao_note = _load_torchao()
     machine = machine_info()
+    reuse = False if fresh_pages else _reuse_heap_memory()
     report = {"machine": machine, "sizes": {}, "settings": dict(
-        repeat=repeat, warmup=warmup, threads=threads, seed=seed)}
+        repeat=repeat, warmup=warmup, threads=threads, seed=seed, heap_reuse=reuse)}
     say = lambda *a: print(*a, file=file, flush=True)  # noqa: E731
 
     say(f"qlora_ref bench: {machine['cpu']} ({machine['cores']} cores), python "
@@ -350,6 +411,7 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
         f"{', OpenMP' if machine['openmp'] else ', no OpenMP'}; threads: 1 and {threads}; "
         f"best of {repeat} (3 for calls over {_SLOW_CALL_S:.0f} s) after {warmup} warm-up; "
         f"TORCHDYNAMO_DISABLE={os.environ.get('TORCHDYNAMO_DISABLE')}; "
+        f"outputs {'reuse heap memory (mallopt)' if reuse else 'may be fresh pages'}; "
         f"load average {os.getloadavg()[0]:.2f}")
     if bnb_note:
         say(f"bitsandbytes: {bnb_note}")
@@ -464,6 +526,12 @@ def _print_table(title, results, same, fmt, say, clock="wall"):
     copies = ", ".join(f"{op} {results[op]['memory copy'][key] * 1e3:.3g} ms"
                        for op in OPERATIONS)
     say(f"memory copy = np.copyto of the bytes each operation writes: {copies}")
+    if clock == "wall":
+        faults = "; ".join(f"{op}: " + ", ".join(
+            f"{name.replace(', 1 thr', '')} {r['page_faults']:.0f}"
+            for name, r in results[op].items() if name.endswith("1 thr") and r["page_faults"]
+            is not None) for op in ("dequant f32", "dequant bf16"))
+        say(f"page faults per call (fastest sample, 1 thread; output allocation): {faults}")
 
 
 # -- a QLoRA layer, forward and backward ------------------------------------------------
@@ -601,6 +669,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("text", "md"), default="text",
                         help="plain text or Markdown tables")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the matrices")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="do not set glibc to reuse heap memory: outputs may be new, "
+                             "page-faulted memory (as in a fresh process)")
     return parser
 
 
@@ -615,7 +686,7 @@ def main(args=None) -> int:
     repeat = 3 if args.quick else args.repeat
     run_benchmarks(sizes=[_parse_size(s) for s in sizes], threads=args.threads, repeat=repeat,
                    warmup=args.warmup, seed=args.seed, layer=not (args.no_layer or args.quick),
-                   fmt=args.format)
+                   fmt=args.format, fresh_pages=args.fresh_pages)
     return 0
 
 

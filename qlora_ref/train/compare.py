@@ -83,7 +83,7 @@ def run_compare(profile: str = "quick", device=None, seeds=None, arms=None, base
         r = ArmResult(arm, question, seeds, [], [], [], [])
         for seed in seeds:
             config = FinetuneConfig(**{**base, **overrides, **arm_overrides, "seed": seed})
-            res = finetune(config, device=device, progress=False)
+            res = finetune(config, device=device, progress=False, evaluate_before=False)
             r.accuracy.append(res.after["accuracy"])
             r.loss.append(res.after["loss"])
             r.seconds.append(res.seconds)

@@ -284,7 +284,8 @@ def load_checkpoint(directory: Path, model, optimizer) -> tuple[int, list]:
 
 def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
              output_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
-             stop_after: int | None = None, progress: bool = True) -> FinetuneResult:
+             stop_after: int | None = None, progress: bool = True,
+             evaluate_before: bool = True) -> FinetuneResult:
     """Run one fine-tuning job and return what it measured.
 
     Parameters
@@ -301,6 +302,8 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
         Stop (and checkpoint) after this many optimizer steps, as if interrupted.
     progress : bool
         Show a progress bar (rank 0 only).
+    evaluate_before : bool
+        Also evaluate the untrained model (``compare`` skips it to save time).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -318,7 +321,7 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     optimizer = make_optimizer(trainable, name=config.optim, lr=config.learning_rate,
                                weight_decay=config.weight_decay)
     before = tasks.evaluate(model, config.task, n=config.eval_size, device=device) \
-        if rank == 0 else {}
+        if rank == 0 and evaluate_before else {}
 
     step, history = 0, []
     if resume_from is not None:

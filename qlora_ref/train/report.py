@@ -19,7 +19,8 @@ def format_report(result) -> str:
         "",
         "| | exact-match accuracy | answer-token loss |",
         "|---|---:|---:|",
-        f"| before fine-tuning (quantized base, adapters at zero) | {result.before['accuracy']:.3f} | {result.before['loss']:.4f} |",
+        *([f"| before fine-tuning (quantized base, adapters at zero) | {result.before['accuracy']:.3f} | {result.before['loss']:.4f} |"]
+          if result.before else []),
         f"| after {result.steps} steps | {result.after['accuracy']:.3f} | {result.after['loss']:.4f} |",
         "",
         f"- trainable parameters: {p.get('trainable', 0):,} of {p.get('total', 0):,} "
