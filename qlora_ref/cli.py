@@ -174,19 +174,16 @@ def _quantize(args) -> int:
     print(f"  max |error|             {float(np.abs(err).max()):.6e}")
     print(f"  relative Frobenius err  {rel:.6e}")
     if args.histogram:
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+        fig = Figure(figsize=(6.4, 3.6), dpi=110)
+        ax = fig.subplots()
         ax.hist(err.reshape(-1), bins=200, color="#4C72B0")
         ax.set_xlabel("dequantized - original")
         ax.set_ylabel("count")
         ax.set_title(f"{name}: {args.quant_type} quantization error")
         fig.tight_layout()
         fig.savefig(args.histogram)
-        plt.close(fig)
         print(f"  histogram written to {args.histogram}")
     return 0
 

@@ -119,12 +119,10 @@ def write_compare(results, directory: Path, profile, seeds, elapsed) -> None:
 
 
 def _plot(results, path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    left, right = fig.subplots(1, 2)
     names = [r.arm for r in results]
     means = [r.summary()["accuracy"][0] for r in results]
     sds = [r.summary()["accuracy"][1] for r in results]
@@ -147,6 +145,5 @@ def _plot(results, path) -> None:
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 

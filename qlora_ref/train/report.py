@@ -43,12 +43,10 @@ def format_report(result) -> str:
 
 def plot_loss_curves(curves: dict, path, title: str = "Training loss") -> None:
     """Plot ``{label: [(step, loss), ...]}`` to a PNG (matplotlib, no display needed)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    ax = fig.subplots()
     for label, history in curves.items():
         if history:
             steps, losses = zip(*history)
@@ -62,7 +60,6 @@ def plot_loss_curves(curves: dict, path, title: str = "Training loss") -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_report(result, directory) -> Path:
