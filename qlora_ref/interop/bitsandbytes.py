@@ -63,13 +63,15 @@ def to_bitsandbytes(state: QuantState, device="cpu"):
     """Export ``state`` as ``(packed, quant_state)`` for ``bitsandbytes.functional.dequantize_4bit``.
 
     ``packed`` is a ``torch.uint8`` tensor of shape ``(ceil(n/2), 1)`` (the
-    shape bitsandbytes' ``quantize_4bit`` returns).
+    shape bitsandbytes' ``quantize_4bit`` returns). bitsandbytes dequantizes
+    only to 16/32-bit floats, so a state quantized from float64 is exported
+    with dtype float32: the dequantized values are the same float32 products.
 
     Examples
     --------
-    >>> import numpy as np, qlora_ref, bitsandbytes.functional as F  # doctest: +SKIP
-    >>> packed, qs = qlora_ref.to_bitsandbytes(qlora_ref.quantize_4bit(np.ones((4, 64))))  # doctest: +SKIP
-    >>> F.dequantize_4bit(packed, qs).shape  # doctest: +SKIP
+    >>> import numpy as np, qlora_ref, bitsandbytes.functional as F
+    >>> packed, qs = qlora_ref.to_bitsandbytes(qlora_ref.quantize_4bit(np.ones((4, 64), np.float32)))
+    >>> F.dequantize_4bit(packed, qs).shape
     torch.Size([4, 64])
     """
     torch = _torch()
@@ -85,7 +87,8 @@ def to_bitsandbytes(state: QuantState, device="cpu"):
         offset = torch.tensor(np.float32(state.offset)).to(device)
     qs = BnbQuantState(absmax=t(state.absmax), shape=torch.Size(state.shape), code=t(state.code),
                        blocksize=state.blocksize, quant_type=state.quant_type,
-                       dtype=getattr(torch, state.dtype), offset=offset, state2=state2)
+                       dtype=torch.float32 if state.dtype == "float64" else getattr(torch, state.dtype),
+                       offset=offset, state2=state2)
     return t(state.packed).reshape(-1, 1), qs
 
 
