@@ -49,7 +49,7 @@ def _lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def pretrain(config=None, steps=3000, batch_size=64, lr=2e-3, seed=0, device="cpu",
+def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cpu",
              progress=True, task="pretrain", weight_decay=0.01, warmup=100):
     """Train a GPT from scratch on a task (by default the PRETRAIN mixture).
 
@@ -57,7 +57,7 @@ def pretrain(config=None, steps=3000, batch_size=64, lr=2e-3, seed=0, device="cp
     ----------
     config : GPTConfig, optional
         Model size; default :func:`default_config`.
-    steps : int, default 3000
+    steps : int, default 2000
         Optimizer steps.
     batch_size : int, default 64
         Examples per step.
@@ -173,7 +173,7 @@ def load_base_model(path=None, device="cpu"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the tiny base GPT and save it.")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -252,12 +252,7 @@ def make_batch(task, batch_size, rng, block_size):
         batch minus one, so ``T <= block_size``. Never contains a prompt of
         any task's held-out set.
     """
-    gen, forbidden, pairs = get_task(task), _all_held_out_prompts(), []
-    while len(pairs) < batch_size:
-        prompt, answer = gen(rng)
-        if prompt not in forbidden:
-            pairs.append((prompt, answer))
-    return _encode_pairs(pairs, block_size)
+    return _encode_pairs(sample_pairs(task, batch_size, rng), block_size)
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +266,8 @@ def evaluate(model, task, n=200, device=None, batch_size=256):
     Parameters
     ----------
     model : qlora_ref.train.gpt.GPT
-        Any module with GPT's ``forward`` and ``generate_greedy``.
+        Or any module with GPT's ``forward``, ``generate_greedy`` and
+        ``config.block_size`` (such as a GPT whose layers LoRA replaced).
     task : str
         A name in ``TASKS``; scored on its first ``n`` held-out examples.
     n : int, default 200
