@@ -23,7 +23,8 @@ def run_cli(*args, **kwargs):
 
 def test_finetune_command_learns_and_writes_adapters_plot_and_report(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("finetune", "--max-steps", "120", "--output-dir", str(out), "--quiet")
+    # the main job with its defaults (282 steps; measured 0.075 -> 0.625 accuracy on seed 0)
+    result = run_cli("finetune", "--output-dir", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["accuracy"], report["after"]["accuracy"]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .finetune import FinetuneConfig, finetune
+from .report import draw_loss_curves
 
 __all__ = ["ARMS", "PROFILES", "run_compare", "format_table"]
 
@@ -133,16 +134,8 @@ def _plot(results, path) -> None:
     left.invert_yaxis()
     left.set_xlabel("held-out exact-match accuracy (bars: mean ± sd; dots: seeds)")
     left.set_xlim(0, 1)
-    curves = {r.arm: r.histories[0] for r in results}
     # the loss curves of the first seed, one line per arm, on the right
-    for label, history in curves.items():
-        if history:
-            steps, losses = zip(*history)
-            right.plot(steps, losses, label=label, linewidth=1)
-    right.set_yscale("log")
-    right.set_xlabel("optimizer step")
-    right.set_ylabel("training loss (seed 0)")
-    right.legend(fontsize=7)
+    draw_loss_curves(right, {r.arm: r.histories[0] for r in results}, "training loss (seed 0)")
     fig.tight_layout()
     fig.savefig(path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["write_report", "format_report", "plot_loss_curves"]
+__all__ = ["write_report", "format_report", "plot_loss_curves", "draw_loss_curves"]
 
 
 def _mb(n) -> str:
@@ -41,23 +41,28 @@ def format_report(result) -> str:
     return "\n".join(lines)
 
 
+def draw_loss_curves(ax, curves: dict, ylabel: str = "answer-token cross-entropy") -> None:
+    """Draw ``{label: [(step, loss), ...]}`` on a matplotlib ``ax``, log-scaled."""
+    for label, history in curves.items():
+        if history:
+            steps, losses = zip(*history)
+            ax.plot(steps, losses, label=label, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+
+
 def plot_loss_curves(curves: dict, path, title: str = "Training loss") -> None:
     """Plot ``{label: [(step, loss), ...]}`` to a PNG (matplotlib, no display needed)."""
     from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
     ax = fig.subplots()
-    for label, history in curves.items():
-        if history:
-            steps, losses = zip(*history)
-            ax.plot(steps, losses, label=label, linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("answer-token cross-entropy")
-    ax.set_yscale("log")
+    draw_loss_curves(ax, curves)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
 
