@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .autograd import dropout_mask, frozen_weight, qlora_linear
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
-from .quantized import QuantizedLinear
+from .quantized import QuantizedLinear, check_linear_input
 
 __all__ = ["INITS", "QUANT_BITS", "lora_scaling", "delta_weight", "low_rank_factors",
            "freeze_base", "LoRALinear"]
@@ -290,12 +290,7 @@ class LoRALinear(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the layer if ``x`` is not ``(..., in_features)`` floating point."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"{self.label()}: input must be a floating-point tensor, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.label()}: input has shape {tuple(x.shape)}, expected "
-                             f"(..., {self.in_features})")
+        check_linear_input(self, x)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "

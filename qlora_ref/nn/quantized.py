@@ -45,6 +45,16 @@ def as_torch_dtype(dtype) -> torch.dtype:
     return value
 
 
+def check_linear_input(layer, x) -> None:
+    """Raise ``ValueError`` naming ``layer`` if ``x`` is not a ``(..., in_features)`` float tensor."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{layer.label()}: input must be a floating-point tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"{layer.label()}: input has shape {tuple(x.shape)}, expected "
+                         f"(..., {layer.in_features})")
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer stored compressed and dequantized on the fly.
 
@@ -146,12 +156,7 @@ class QuantizedLinear(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the layer if ``x`` is not ``(..., in_features)`` floating point."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"{self.label()}: input must be a floating-point tensor, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.label()}: input has shape {tuple(x.shape)}, expected "
-                             f"(..., {self.in_features})")
+        check_linear_input(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
