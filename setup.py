@@ -9,7 +9,26 @@ Metadata lives in pyproject.toml. This file only adds the extension:
 * ``QLORA_REF_NATIVE=1`` adds ``-march=native`` (opt-in, not portable);
 * if Cython or a compiler is missing, the package installs without the
   extension and runs on the NumPy reference (``QLORA_REF_REQUIRE_CYTHON=1``
-  turns that into an error, as CI does).
+  turns that into an error, as CI does);
+* ``QLORA_REF_DEBUG_CYTHON=1`` builds the *debug* extension: the Cython
+  directives ``boundscheck=True, wraparound=True, cdivision=False,
+  initializedcheck=True``, so that an out-of-range memoryview access in a
+  kernel raises ``IndexError`` (and a division by zero ``ZeroDivisionError``)
+  instead of reading or writing past an array. The C macro of the same name
+  is defined too, and the module reports it as
+  ``qlora_ref._kernels.quant4.DEBUG_BUILD``. The normal build uses the
+  opposite directives (no checks, C division). Build and test it with::
+
+      QLORA_REF_DEBUG_CYTHON=1 python setup.py build_ext --inplace
+      python -c "from qlora_ref._kernels import quant4; assert quant4.DEBUG_BUILD"
+      pytest tests/test_kernels_equal.py tests/test_tampered_inputs.py
+      python setup.py build_ext --inplace          # back to the normal build
+
+  (``.ci/run`` does this after the full test run.) The debug C source is
+  generated under ``build/cython-debug/``, apart from the normal one, and
+  ``build_ext`` always recompiles, so switching flavours never leaves the
+  other one's C file or extension in place. The directives are set here and
+  not in the ``.pyx`` header, which would override them.
 """
 import os
 import sys
@@ -17,6 +36,8 @@ import tempfile
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+
+DEBUG_CYTHON = os.environ.get("QLORA_REF_DEBUG_CYTHON", "0") not in ("", "0")
 
 
 def _compiler_accepts(compiler, flags) -> bool:
@@ -35,6 +56,12 @@ def _compiler_accepts(compiler, flags) -> bool:
 class BuildExt(build_ext):
     """Add OpenMP when available; fall back to a pure-Python install when the build fails."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # the .so path is the same for both flavours: an up-to-date check by
+        # timestamps could keep a debug extension after a normal build (or the reverse)
+        self.force = True
+
     def build_extensions(self):
         omp = ["-fopenmp"] if self.compiler.compiler_type == "unix" else ["/openmp"]
         use_omp = os.environ.get("QLORA_REF_OPENMP", "1") != "0" and _compiler_accepts(self.compiler, omp)
@@ -46,7 +73,8 @@ class BuildExt(build_ext):
             if use_omp:
                 ext.extra_compile_args += omp
                 ext.extra_link_args += omp
-        print(f"qlora_ref: building the Cython kernels {'with' if use_omp else 'without'} OpenMP")
+        print(f"qlora_ref: building the {'DEBUG (bounds-checked) ' if DEBUG_CYTHON else ''}"
+              f"Cython kernels {'with' if use_omp else 'without'} OpenMP")
         super().build_extensions()
 
     def run(self):
@@ -70,8 +98,16 @@ def extensions():
         return []
     from setuptools import Extension
 
-    ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"])
-    return cythonize([ext], compiler_directives={"language_level": 3})
+    # the directives of the fast build, or (QLORA_REF_DEBUG_CYTHON=1) every check on
+    checks = DEBUG_CYTHON
+    directives = {"language_level": 3, "boundscheck": checks, "wraparound": checks,
+                  "initializedcheck": checks, "cdivision": not checks,
+                  "show_performance_hints": not checks}  # the debug build is slow on purpose
+    macros = [("QLORA_REF_DEBUG_CYTHON", "1")] if DEBUG_CYTHON else []
+    ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"],
+                    define_macros=macros)
+    return cythonize([ext], compiler_directives=directives,
+                     build_dir="build/cython-debug" if DEBUG_CYTHON else None)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

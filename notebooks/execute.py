@@ -26,10 +26,6 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-# OpenMP threads that spin while they wait make small torch ops many times slower on a busy
-# 2-core machine; passive waiting costs nothing on an idle one. The kernels inherit this.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 300
 KERNEL_NAME = "qlora-ref-python"

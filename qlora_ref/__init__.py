@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import importlib
 
+# before the extension (and so an OpenMP runtime) loads: how OpenMP threads wait
+from ._runtime import apply_openmp_policy as _apply_openmp_policy
+
+_apply_openmp_policy()
+
 from .backend import active_backend, cython_available
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .codebooks import dynamic_code, fp4_code, int4_code, nf4_code, normal_float_code

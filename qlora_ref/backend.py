@@ -12,14 +12,20 @@ The choice is made here, in Python, never inside a kernel:
 Installing never needs a compiler: without the extension the package warns
 once and uses NumPy. CI sets ``QLORA_REF_REQUIRE_CYTHON=1``, under which a
 missing extension is an error instead.
+
+Threads are chosen here too (:func:`default_num_threads`): all cores for
+large problems, one below :data:`PARALLEL_MIN_ELEMENTS`, one always when
+the OpenMP runtime in use spins (see :mod:`qlora_ref._runtime`).
 """
 from __future__ import annotations
 
 import os
 import warnings
 
+from . import _runtime
+
 __all__ = ["BACKENDS", "active_backend", "resolve_backend", "cython_available", "kernels",
-           "default_num_threads"]
+           "default_num_threads", "PARALLEL_MIN_ELEMENTS"]
 
 BACKENDS = ("numpy", "cython")
 
@@ -80,10 +86,30 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def default_num_threads() -> int:
-    """Threads the Cython kernels use by default: ``QLORA_REF_NUM_THREADS`` or all cores."""
+#: Problems with fewer elements run on one thread. Measured on the 2-core VM
+#: (dequantize to float32, mean of >= 1 s of calls, ``OMP_WAIT_POLICY=passive``):
+#: with other jobs only (load 4.6) two threads took 2.4x, 1.3x, 1.1x and 0.95x
+#: the one-thread time at 4,096, 65,536, 262,144 and 1,048,576 elements; with
+#: two busy processes added, 0.8x, 0.44x, 0.7x and 0.45x. Waking the second
+#: thread costs about 10-30 us, which a call must be long enough to repay:
+#: the tiny GPT's 128 x 512 weights (65,536) stay on one thread.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def default_num_threads(n_elements: int | None = None) -> int:
+    """Threads the Cython kernels use for a call on ``n_elements`` values.
+
+    ``QLORA_REF_NUM_THREADS`` if set; else 1 when the OpenMP runtime in use
+    spins while it waits (torch was imported before ``qlora_ref``; see
+    :mod:`qlora_ref._runtime`) or when ``n_elements`` is below
+    :data:`PARALLEL_MIN_ELEMENTS`; else all cores this process may use.
+    """
     value = os.environ.get("QLORA_REF_NUM_THREADS")
     if value:
         return max(1, int(value))
+    if _runtime.single_threaded():
+        return 1
+    if n_elements is not None and n_elements < PARALLEL_MIN_ELEMENTS:
+        return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else (os.cpu_count() or 1))

@@ -22,28 +22,41 @@ last bit, and only that bit decides a value lying within one ulp of a
 decision boundary. (bitsandbytes' CPU path divides in the trailing partial
 block; the parity tests bound that.)
 
-Note (zero blocks): an all-zero block has :math:`c_b = 0`. Its scale is
-taken as :math:`1/\max(c_b, 10^{-38})`, so it quantizes to the code of 0 and
-dequantizes to exact zeros, never NaN. (The same clamp, from bitsandbytes,
-means a block of float32 subnormals, :math:`c_b < 10^{-38}`, is scaled by
-:math:`10^{38}` rather than :math:`1/c_b`: finite, but coarser.)
+Note (zero blocks and tiny blocks): an all-zero block has :math:`c_b = 0`,
+and the two bitsandbytes paths we mirror treat it differently; we copy
+each, so the bytes agree. The 4-bit path (:mod:`qlora_ref.fourbit`) scales
+by :math:`1/\max(c_b, 10^{-38})`, so a zero block stores the code of 0 and
+dequantizes to exact zeros, never NaN; the clamp also means a block of
+float32 subnormals (:math:`c_b < 10^{-38}`) is scaled by :math:`10^{38}`
+rather than :math:`1/c_b`: finite, but coarser. The 8-bit kernel
+(:func:`quantize_blockwise`, used by double quantization) takes the plain
+reciprocal and writes index 0 wherever :math:`x \cdot (1/c_b)` is not a
+number, which includes every element of an all-zero block.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["block_absmax", "nearest_code", "decision_boundaries", "quantize_blockwise",
-           "dequantize_blockwise"]
+from .validation import as_float32_flat, check_code, check_positive_int
 
-_TINY = np.float32(1e-38)  # matches bitsandbytes: absmax.clamp(min=1e-38) before 1/absmax
+__all__ = ["ABSMAX_FLOOR", "block_absmax", "nearest_code", "decision_boundaries",
+           "quantize_blockwise", "dequantize_blockwise"]
+
+#: Floor on c_b before 1/c_b (matches bitsandbytes: ``absmax.clamp(min=1e-38)``).
+ABSMAX_FLOOR = np.float32(1e-38)
 
 
 def _blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
-    """View ``flat`` as rows of ``blocksize``, zero-padding a trailing partial block."""
-    n_blocks = -(-flat.size // blocksize)
-    padded = np.zeros(n_blocks * blocksize, dtype=flat.dtype)
+    """View ``flat`` as rows of ``blocksize``, zero-padding a trailing partial block.
+
+    A block longer than the data is one row of the data's length: the padding
+    never exceeds the data, whatever ``blocksize`` is.
+    """
+    width = min(blocksize, max(flat.size, 1))
+    n_blocks = -(-flat.size // width)
+    padded = np.zeros(n_blocks * width, dtype=flat.dtype)
     padded[: flat.size] = flat
-    return padded.reshape(n_blocks, blocksize)  # (n_blocks, blocksize)
+    return padded.reshape(n_blocks, width)  # (n_blocks, blocksize)
 
 
 def block_absmax(flat: np.ndarray, blocksize: int) -> np.ndarray:
@@ -100,11 +113,19 @@ def nearest_code(normalized: np.ndarray, code: np.ndarray) -> np.ndarray:
     return order[position].astype(np.uint8)
 
 
-def normalize(flat: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndarray:
-    r"""Scale each element into [-1, 1] by its block: :math:`x_i \cdot \operatorname{fl}(1 / c_b)`."""
-    reciprocal = np.float32(1.0) / np.maximum(absmax, _TINY)        # (n_blocks,) float32
-    scaled = _blocks(flat, blocksize) * reciprocal[:, None]          # (n_blocks, blocksize)
-    return scaled.reshape(-1)[: flat.size]                           # (n,)
+def normalize(flat: np.ndarray, absmax: np.ndarray, blocksize: int,
+              floor: float = ABSMAX_FLOOR) -> np.ndarray:
+    r"""Scale each element into [-1, 1] by its block: :math:`x_i \cdot \operatorname{fl}(1 / \max(c_b, \text{floor}))`.
+
+    The 4-bit path uses the floor ``1e-38``; the 8-bit kernel none
+    (``floor=0``: a zero block's reciprocal is then infinite, see
+    :func:`quantize_blockwise`).
+    """
+    with np.errstate(divide="ignore", over="ignore"):
+        reciprocal = np.float32(1.0) / np.maximum(absmax, np.float32(floor))  # (n_blocks,) float32
+    with np.errstate(invalid="ignore"):
+        scaled = _blocks(flat, blocksize) * reciprocal[:, None]             # (n_blocks, blocksize)
+    return scaled.reshape(-1)[: flat.size]                                  # (n,)
 
 
 def quantize_blockwise(x: np.ndarray, code: np.ndarray, blocksize: int
@@ -127,17 +148,34 @@ def quantize_blockwise(x: np.ndarray, code: np.ndarray, blocksize: int
     absmax : numpy.ndarray
         float32, one per block: ``ceil(x.size / blocksize)``.
     """
-    x = np.asarray(x, dtype=np.float32)
-    flat = x.reshape(-1)
-    absmax = block_absmax(flat, blocksize)             # c_b
-    normalized = normalize(flat, absmax, blocksize)    # x / c_b
-    return nearest_code(normalized, code).reshape(x.shape), absmax
+    flat, shape, _ = as_float32_flat(x)
+    blocksize = check_positive_int(blocksize, "blocksize")
+    code = check_code(code, max_size=256)
+    absmax = block_absmax(flat, blocksize)                   # c_b
+    normalized = normalize(flat, absmax, blocksize, floor=0)  # x * fl(1 / c_b), no floor here
+    codes = nearest_code(normalized, code)                   # (n,) uint8
+    # matches bitsandbytes' 8-bit kernel: where x * (1/c_b) is not a number (0 * inf: an
+    # all-zero block, or a zero in a block of subnormals whose reciprocal overflows) it
+    # writes index 0; its value code[0] * c_b is still zero, as the input was
+    codes[np.isnan(normalized)] = 0
+    return codes.reshape(shape), absmax
 
 
 def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray,
                          blocksize: int) -> np.ndarray:
     r"""Invert :func:`quantize_blockwise`: :math:`\hat x_i = \text{code}[q_i] \cdot c_b`, float32."""
     codes = np.asarray(codes)
-    values = np.asarray(code, dtype=np.float32)[codes.reshape(-1)]   # (n,) in [-1, 1]
+    blocksize = check_positive_int(blocksize, "blocksize")
+    code = check_code(code, max_size=256)
+    if codes.dtype != np.uint8 or codes.size == 0:
+        raise ValueError(f"codes must be a non-empty uint8 array; got {codes.size} of {codes.dtype}")
+    absmax = np.asarray(absmax)
+    n_blocks = -(-codes.size // blocksize)
+    if absmax.dtype != np.float32 or absmax.shape != (n_blocks,):
+        raise ValueError(f"absmax must hold {n_blocks} float32 values (one per block of "
+                         f"{blocksize}); got shape {absmax.shape} of {absmax.dtype}")
+    if int(codes.max()) >= code.size:
+        raise ValueError(f"codes index up to {int(codes.max())}, but the code has {code.size} values")
+    values = code[codes.reshape(-1)]                                  # (n,) in [-1, 1]
     scaled = _blocks(values, blocksize) * absmax[:, None]             # (n_blocks, blocksize)
     return scaled.reshape(-1)[: codes.size].reshape(codes.shape)

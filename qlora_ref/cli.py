@@ -12,6 +12,11 @@ Subcommands (``qlora-ref COMMAND --help`` explains each):
 
 Errors (CUDA asked for but absent, an unknown task, an unreadable file)
 print one line, ``qlora-ref: error: ...``, and exit with status 2.
+
+OpenMP: importing this module imports ``qlora_ref`` first, which sets
+``OMP_WAIT_POLICY=passive`` (unless the user chose) before torch or the
+kernels load (:mod:`qlora_ref._runtime`); nothing here imports torch at the
+top, so ``qlora-ref --help`` stays fast.
 """
 from __future__ import annotations
 
@@ -79,6 +84,10 @@ def _finetune_config(args):
         overrides["target_modules"] = (args.target_modules[0] if args.target_modules == ["all-linear"]
                                        else args.target_modules)
     if args.config:
+        # main() fills a missing --seed with 0, so 0 here may be the default: then the
+        # file's seed (if it has one) wins; any other --seed overrides it
+        if overrides["seed"] == 0:
+            overrides["seed"] = None
         return load_config(args.config[0], args.config[1], **overrides)
     return FinetuneConfig(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -118,11 +127,12 @@ def _compare(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from .train.pretrain import default_base_model_path, pretrain, save_base_model
+    from .train.pretrain import check_output_path, default_output_path, pretrain, save_base_model
 
+    path = args.output or default_output_path()
+    check_output_path(path)  # before training; never inside the installed package
     model = pretrain(steps=args.steps, seed=args.seed, device=args.device or "cpu",
                      progress=not args.quiet)
-    path = args.output or default_base_model_path()
     save_base_model(model, path)
     print(f"saved the base model to {path}")
     return 0
@@ -134,9 +144,22 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     if path.endswith(".npy"):
-        try:
+        from numpy.lib import format as npy
+
+        try:  # the header first: np.load allocates whatever shape it claims
+            with open(path, "rb") as f:
+                version = npy.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, _, dtype = (npy.read_array_header_1_0(f) if version == (1, 0)
+                                   else npy.read_array_header_2_0(f))
+                held = os.path.getsize(path) - f.tell()
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != held:
+                raise ValueError(f"its header claims shape {shape} of {dtype} ({claimed:,} bytes), "
+                                 f"but it holds {held:,} bytes of data")
             return np.load(path, allow_pickle=False), os.path.basename(path)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
             raise ValueError(f"{path} is not a readable .npy file: {exc}") from None
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
@@ -154,7 +177,11 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
         if key not in tensors:
             raise ValueError(f"{path} has no tensor {key!r}")
         t = tensors[key]
-        return (t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()), key
+        dtype = str(t.dtype).replace("torch.", "")
+        if dtype not in ("float16", "bfloat16", "float32", "float64"):  # as quantize_4bit takes
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; quantize takes float16, "
+                             "bfloat16, float32 or float64")
+        return (t.float().numpy() if dtype == "bfloat16" else t.numpy()), key
     raise ValueError(f"{path}: expected a .npy or .safetensors file")
 
 
@@ -195,8 +222,9 @@ def _parse_count(text: str) -> int:
         value = float(t[:-1]) * suffixes[t[-1]] if t and t[-1] in suffixes else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (try 65e9 or 7B)")
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"a parameter count must be at least 1, got {text!r}")
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a parameter count must be a finite number of at "
+                                         f"least 1, got {text!r}")
     return int(round(value))
 
 
@@ -265,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/finetune", help="where results go "
                    "(default runs/finetune)")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
-    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint folder "
-                   "(OUTPUT_DIR/checkpoint)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a verified checkpoint: "
+                   "OUTPUT_DIR, OUTPUT_DIR/checkpoint (its newest complete one) or a step-N folder; "
+                   "made with the same settings (only the number of steps may change)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps, as if "
                    "interrupted (then --resume)")
     p.set_defaults(func=_finetune)
@@ -283,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the tiny base GPT (the "
                        "shipped model is this command's output with the defaults)")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
-    p.add_argument("--output", help="output .safetensors (default: the package's asset)")
+    p.add_argument("--output", help="output .safetensors (default runs/pretrain/base_model"
+                   ".safetensors; a path inside the package is refused)")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a .npy/.safetensors tensor: "

@@ -20,7 +20,6 @@ version for comparison.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
 
 __all__ = [
     "NF4_OFFSET",
@@ -61,6 +60,8 @@ def linspace_float32(start: float, stop: float, num: int) -> np.ndarray:
     shift bitsandbytes' 8-bit dynamic code (see the module note).
     """
     a, b = np.float32(start), np.float32(stop)
+    if num <= 1:  # torch: no points, or just ``start``
+        return np.full(max(num, 0), a, dtype=np.float32)
     step = np.float64((b - a) / np.float32(num - 1))  # the float32 step, held exactly
     i = np.arange(num, dtype=np.float64)
     forward = np.float64(a) + i * step                 # exact in float64
@@ -131,6 +132,10 @@ def normal_float_code(bits: int = 4, offset: float = NF4_OFFSET,
     else:
         p_pos = np.linspace(offset, 0.5, half + 1)[:-1]
         p_neg = np.linspace(offset, 0.5, half)[:-1]
+    # imported here, not at the top: scipy.stats takes 1-8 s to import, which every
+    # `import qlora_ref` and `qlora-ref --help` would otherwise pay
+    from scipy.stats import norm
+
     positive = norm.ppf(p_pos.astype(np.float64))             # q+, float64
     negative = -norm.ppf(p_neg.astype(np.float64))            # q-, float64
     levels = np.sort(np.concatenate([negative, [0.0], positive]))
@@ -213,7 +218,7 @@ def dynamic_code(signed: bool = True, max_exponent_bits: int = 7,
     Each code has a sign, an exponent :math:`e` written in unary (leading
     zeros, at most ``max_exponent_bits``) and a linear fraction in the bits
     that remain. Exponent level :math:`i` contributes the midpoints of
-    :math:`2^{i}+1` (signed) evenly spaced points in [0.1, 1], scaled by
+    :math:`n_i` evenly spaced points in [0.1, 1], scaled by
     :math:`10^{i-(E-1)}`:
 
     .. math::
@@ -221,19 +226,35 @@ def dynamic_code(signed: bool = True, max_exponent_bits: int = 7,
         \text{code} = \operatorname{sort}\Big( \bigcup_{i=0}^{E-1}
             \pm 10^{\,i-E+1} \cdot \frac{b_j + b_{j+1}}{2}
             \;\Big|\; b = \operatorname{linspace}(0.1, 1, n_i) \Big)
-            \cup \{0, 1\}
+            \cup \{0, 1\},
+        \qquad n_i = \lfloor 2^{\,i + T - 1 - E} \rfloor + 1 \;(\text{signed; } 2^{\,i+T-E} \text{ unsigned})
 
-    All steps in float32, as bitsandbytes' ``create_dynamic_map`` does, so
-    the result is bit-identical to it.
+    with :math:`T` = ``total_bits``. All steps in float32, as bitsandbytes'
+    ``create_dynamic_map`` does, so the result is bit-identical to it for
+    every argument it accepts, including its two habits: :math:`n_i` is
+    truncated to an integer (so ``max_exponent_bits`` may exceed the bits
+    that remain), and a code of fewer than 256 values is padded with zeros
+    to 256 entries before sorting (the 8-bit kernels index 256 entries).
 
     Returns
     -------
     numpy.ndarray
-        float32, shape ``(2**total_bits,)``, sorted.
+        float32, shape ``(256,)``, sorted.
+
+    Raises
+    ------
+    ValueError
+        For settings bitsandbytes rejects: the levels must give exactly
+        :math:`2^T` values.
     """
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+               for v in (max_exponent_bits, total_bits)) or not 1 <= total_bits <= 8 \
+            or max_exponent_bits < 0:
+        raise ValueError("dynamic_code needs integers 0 <= max_exponent_bits and "
+                         f"1 <= total_bits <= 8; got {max_exponent_bits!r}, {total_bits!r}")
     data: list[float] = []
     non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1   # may be fractional: < 1
 
     def scaled_means(n_points: int, i: int) -> np.ndarray:
         boundaries = linspace_float32(0.1, 1.0, n_points)
@@ -241,21 +262,26 @@ def dynamic_code(signed: bool = True, max_exponent_bits: int = 7,
         return np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means
 
     for i in range(max_exponent_bits):
-        fraction_items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                          else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)  # n_i
         means = scaled_means(fraction_items, i)
         data += means.tolist()
         if signed:
             data += (-means).tolist()
     if additional_items > 0:
-        means = scaled_means(additional_items + 1, max_exponent_bits - 1)
+        if max_exponent_bits == 0:  # bitsandbytes scales these by its last level, which is missing
+            raise ValueError("max_exponent_bits=0 leaves no exponent level for the "
+                             f"{int(additional_items)} extra codes of total_bits={total_bits}")
+        means = scaled_means(int(additional_items) + 1, max_exponent_bits - 1)
         data += means.tolist()
         if signed:
             data += (-means).tolist()
     data += [0.0, 1.0]
     if len(data) != 2 ** total_bits:
-        raise ValueError(
-            f"these settings give {len(data)} codes, not 2**total_bits = {2 ** total_bits}")
+        raise ValueError(f"dynamic_code(signed={signed}, max_exponent_bits={max_exponent_bits}, "
+                         f"total_bits={total_bits}) gives {len(data)} codes, not "
+                         f"2**total_bits = {2 ** total_bits}")
+    data += [0.0] * (256 - len(data))  # padded to the 256 entries an 8-bit index addresses
     return np.sort(np.array(data, dtype=np.float32))
 
 

@@ -59,7 +59,12 @@ def double_quantize(absmax: np.ndarray, nested_blocksize: int = NESTED_BLOCKSIZE
 
 
 def double_dequantize(absmax_codes: np.ndarray, nested_absmax: np.ndarray, offset,
-                      nested_blocksize: int = NESTED_BLOCKSIZE) -> np.ndarray:
-    r"""Recover first-level constants: :math:`\hat c_2 = \text{code}[c_2^{\text{FP8}}] \cdot c_1 + \mu`, float32."""
-    centered = dequantize_blockwise(absmax_codes, nested_absmax, dynamic_code(), nested_blocksize)
+                      nested_blocksize: int = NESTED_BLOCKSIZE,
+                      nested_code: np.ndarray | None = None) -> np.ndarray:
+    r"""Recover first-level constants: :math:`\hat c_2 = \text{code}[c_2^{\text{FP8}}] \cdot c_1 + \mu`, float32.
+
+    ``nested_code`` is the 8-bit table the codes index (default: :func:`dynamic_code`).
+    """
+    code = dynamic_code() if nested_code is None else nested_code
+    centered = dequantize_blockwise(absmax_codes, nested_absmax, code, nested_blocksize)
     return centered + np.float32(offset)  # float32 add, as bitsandbytes' `absmax += offset`

@@ -13,12 +13,20 @@ Layout (n elements, blocksize B, nested blocksize 256)::
     offset          float32 scalar                    only with double quantization
     code            float32 (16,)                 the 4-bit codebook (shared constant)
     nested_code     float32 (256,)                the dynamic 8-bit codebook (shared constant)
+
+Note (hostile states): :meth:`QuantState.validate` runs on construction and
+on every dequantization. Besides the lengths it checks the values a kernel
+would turn into garbage -- NaN/inf or negative constants, a code table
+outside [-1, 1] -- in O(n_blocks) work, never O(n). :meth:`QuantState.load`
+checks every ``.npy`` header of the ``.npz`` against the metadata before
+it reads an array (see its docstring).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -28,6 +36,51 @@ from .validation import QUANT_TYPES, VALID_BLOCKSIZES
 __all__ = ["QuantState"]
 
 _ARRAYS = ("packed", "absmax", "code", "nested_absmax", "nested_code")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: metadata members of a state file: (allowed dtype kinds, most values)
+_META = {"shape": ("iu", 32), "blocksize": ("iu", 1), "nested_blocksize": ("iu", 1),
+         "dtype": ("U", 1), "quant_type": ("U", 1), "offset": ("f", 1)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _shape_tuple(shape) -> tuple:
+    """``shape`` as a tuple of non-negative ints, or a ``ValueError`` naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"QuantState.shape must be a sequence of integers, got {shape!r}") from None
+    if not all(_is_int(s) and s >= 0 for s in dims):
+        raise ValueError(f"QuantState.shape must hold non-negative integers, got {shape!r}")
+    return tuple(int(s) for s in dims)
+
+
+def _layout(shape: tuple, blocksize: int, double_quant: bool, nested_blocksize) -> dict:
+    """What each array must be for this metadata: ``{name: (length, dtype)}``."""
+    n = math.prod(shape)
+    n_blocks = -(-n // blocksize)
+    out = {"packed": ((n + 1) // 2, np.uint8),
+           "absmax": (n_blocks, np.uint8 if double_quant else np.float32),
+           "code": (16, np.float32)}
+    if double_quant:
+        out["nested_absmax"] = (-(-n_blocks // nested_blocksize), np.float32)
+        out["nested_code"] = (256, np.float32)
+    return out
+
+
+def _check_values(name: str, array: np.ndarray, low=None, high=None) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN/inf or leaves [low, high]."""
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"QuantState.{name} holds {bad} NaN or infinite value(s)")
+    if array.size and low is not None and array.min() < low:
+        raise ValueError(f"QuantState.{name} holds negative values (min {array.min()!r}); "
+                         f"they must be >= {low}")
+    if array.size and high is not None and np.abs(array).max() > high:
+        raise ValueError(f"QuantState.{name} holds values outside [-{high}, {high}] "
+                         f"(max |value| {np.abs(array).max()!r})")
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,7 +121,7 @@ class QuantState:
     nested_blocksize: Optional[int] = None
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        self.shape = _shape_tuple(self.shape)
         self.validate()
 
     # -- sizes ---------------------------------------------------------------
@@ -106,26 +159,36 @@ class QuantState:
 
     # -- checks --------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` if any array length disagrees with ``shape`` and ``blocksize``."""
+        """Raise ``ValueError`` naming the field if the state is inconsistent or holds bad values.
+
+        Checked: the metadata (quant type, blocksize, dtype, nested blocksize
+        a positive int); every array's length and dtype against ``shape`` and
+        ``blocksize``; float32 ``absmax`` (single level) finite and >= 0;
+        ``nested_absmax`` finite and >= 0; ``offset`` finite; both code tables
+        finite and within [-1, 1]. The value checks read only the constants
+        (O(n_blocks)), not the packed codes, so this stays cheap next to a
+        dequantization, which calls it.
+        """
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"QuantState.quant_type must be one of {QUANT_TYPES}, "
                              f"got {self.quant_type!r}")
-        if self.blocksize not in VALID_BLOCKSIZES:
+        if not _is_int(self.blocksize) or self.blocksize not in VALID_BLOCKSIZES:
             raise ValueError(f"QuantState.blocksize must be one of {VALID_BLOCKSIZES}, "
                              f"got {self.blocksize!r}")
-        n = self.n_elements
-        if n == 0:
+        if self.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"QuantState.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}")
+        shape = _shape_tuple(self.shape)
+        if math.prod(shape) == 0:
             raise ValueError(f"QuantState.shape {self.shape} has no elements")
-        expect = {"packed": ((n + 1) // 2, np.uint8),
-                  "absmax": (self.n_blocks, np.uint8 if self.double_quant else np.float32),
-                  "code": (16, np.float32)}
         if self.double_quant:
-            if self.offset is None or self.nested_code is None or not self.nested_blocksize:
+            if self.offset is None or self.nested_code is None or self.nested_blocksize is None:
                 raise ValueError("QuantState with nested_absmax also needs offset, nested_code "
                                  "and nested_blocksize")
-            expect["nested_absmax"] = (-(-self.n_blocks // self.nested_blocksize), np.float32)
-            expect["nested_code"] = (256, np.float32)
-        for name, (length, dtype) in expect.items():
+            if not _is_int(self.nested_blocksize) or self.nested_blocksize < 1:
+                raise ValueError(f"QuantState.nested_blocksize must be a positive integer, "
+                                 f"got {self.nested_blocksize!r}")
+        for name, (length, dtype) in _layout(shape, int(self.blocksize), self.double_quant,
+                                             self.nested_blocksize).items():
             array = getattr(self, name)
             if not isinstance(array, np.ndarray) or array.ndim != 1:
                 raise ValueError(f"QuantState.{name} must be a 1-D NumPy array")
@@ -134,6 +197,19 @@ class QuantState:
                     f"QuantState.{name} has {array.size} values of {array.dtype}, but shape "
                     f"{self.shape} with blocksize {self.blocksize} needs {length} of "
                     f"{np.dtype(dtype).name}")
+        # the values: a NaN or negative constant, or a code outside [-1, 1], would
+        # dequantize to NaN or to numbers of the wrong sign without any error
+        _check_values("code", self.code, high=1.0)
+        if self.double_quant:
+            offset = np.asarray(self.offset)
+            if offset.size != 1 or offset.dtype.kind not in "fiu":
+                raise ValueError(f"QuantState.offset must be one real number, got {self.offset!r}")
+            if not np.isfinite(offset).all():
+                raise ValueError(f"QuantState.offset must be finite, got {self.offset!r}")
+            _check_values("nested_absmax", self.nested_absmax, low=0.0)
+            _check_values("nested_code", self.nested_code, high=1.0)
+        else:
+            _check_values("absmax", self.absmax, low=0.0)
 
     # -- round trips ---------------------------------------------------------
     def to_dict(self) -> dict:
@@ -147,19 +223,34 @@ class QuantState:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantState":
         """Build from :meth:`to_dict` output (missing optional keys mean no double quantization)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"QuantState.from_dict expects a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown QuantState keys: {sorted(unknown)}")
+            raise ValueError(f"unknown QuantState keys: {sorted(map(str, unknown))}")
+        missing = sorted(n for n in ("packed", "absmax", "shape", "dtype", "blocksize",
+                                     "quant_type", "code") if d.get(n) is None)
+        if missing:
+            raise ValueError(f"QuantState.from_dict: missing keys {missing}")
         kwargs = dict(d)
         for key in ("blocksize", "nested_blocksize"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = int(kwargs[key])
+            value = kwargs.get(key)
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value[()]
+            if value is not None:
+                if not _is_int(value):
+                    raise ValueError(f"QuantState.{key} must be an integer, got {value!r}")
+                kwargs[key] = int(value)
         for key in ("dtype", "quant_type"):
-            if key in kwargs:
-                kwargs[key] = str(kwargs[key])
+            if not isinstance(kwargs[key], (str, np.str_)):
+                raise ValueError(f"QuantState.{key} must be a string, got {kwargs[key]!r}")
+            kwargs[key] = str(kwargs[key])
         if kwargs.get("offset") is not None:
-            kwargs["offset"] = np.float32(kwargs["offset"])
+            offset = np.asarray(kwargs["offset"])
+            if offset.size != 1 or offset.dtype.kind not in "fiu":
+                raise ValueError(f"QuantState.offset must be one real number, got {kwargs['offset']!r}")
+            kwargs["offset"] = np.float32(offset.reshape(()))
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -168,20 +259,37 @@ class QuantState:
         for key, value in self.to_dict().items():
             if value is None:
                 continue
-            arrays[key] = np.asarray(value)
+            arrays[key] = np.asarray(value, dtype=np.int64) if key == "shape" else np.asarray(value)
         with open(path, "wb") as f:  # a file object stops np.savez from appending ".npz"
             np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantState":
-        """Read a file written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as data:
-            d = {key: data[key] for key in data.files}
-        for key in ("blocksize", "nested_blocksize", "dtype", "quant_type", "offset"):
-            if key in d:
-                d[key] = d[key][()]
-        d["shape"] = tuple(int(s) for s in d["shape"])
-        return cls.from_dict(d)
+        """Read a file written by :meth:`save`.
+
+        Note (hostile files): an ``.npz`` is a zip of ``.npy`` members, and a
+        member's header may claim any shape; ``np.load`` allocates what it
+        claims before reading. Here every header is read and checked first:
+        the metadata members must be scalars (``shape``: at most 32
+        integers), each array's shape and dtype must be what ``shape`` and
+        ``blocksize`` imply (:meth:`validate`'s rule), and the bytes a header
+        claims must equal the zip entry's declared uncompressed size, which
+        must lie within the file. Only then are the arrays read, so the
+        largest allocation is the one the metadata implies: ``ceil(n/2)``
+        packed bytes plus the constants. Nothing is unpickled.
+
+        Raises
+        ------
+        ValueError
+            Naming the member and what it claims, for anything inconsistent.
+        """
+        path = os.fspath(path)
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"{path} is not a QuantState .npz file: {exc}") from None
+        with archive:
+            return cls.from_dict(_read_npz(archive, path, os.path.getsize(path)))
 
     def equals(self, other: "QuantState") -> bool:
         """True if both states hold identical bytes and metadata."""
@@ -204,3 +312,99 @@ class QuantState:
         return (f"QuantState({self.quant_type}, shape={self.shape}, dtype={self.dtype}, "
                 f"blocksize={self.blocksize}{dq}, {self.nbytes} bytes, "
                 f"{self.bits_per_param:.3f} bits/param)")
+
+
+# ----------------------------------------------------------------------------- reading .npz
+
+def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int):
+    """``(shape, dtype, data offset)`` from a member's ``.npy`` header, checked against the zip entry."""
+    from numpy.lib import format as npy
+
+    where = f"{path}: member {info.filename!r}"
+    if info.compress_size > file_size:
+        raise ValueError(f"{where} claims {info.file_size} bytes ({info.compress_size} compressed), "
+                         f"more than the {file_size}-byte file can hold")
+    try:
+        with archive.open(info) as f:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
+        raise ValueError(f"{where} is not a readable .npy array: {exc}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{where} claims a negative shape {shape}")
+    if dtype.hasobject or dtype.kind not in "biufU" or len(shape) > 1 and fortran:
+        raise ValueError(f"{where} holds dtype {dtype}{' (Fortran order)' if fortran else ''}; "
+                         "a QuantState file holds plain numbers and strings only")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if data_start + nbytes != info.file_size:
+        raise ValueError(f"{where} claims shape {shape} of {dtype} ({nbytes} bytes), but the zip "
+                         f"entry holds {info.file_size - data_start} bytes of data")
+    return shape, dtype, data_start
+
+
+def _read_member(archive, info, header) -> np.ndarray:
+    """The array of one member whose header :func:`_npy_header` checked (bounded read)."""
+    shape, dtype, data_start = header
+    nbytes = math.prod(shape) * dtype.itemsize
+    with archive.open(info) as f:
+        f.read(data_start)
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"member {info.filename!r} is truncated: {len(data)} of {nbytes} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def _read_npz(archive: zipfile.ZipFile, path: str, file_size: int) -> dict:
+    """The :meth:`QuantState.to_dict` content of a state file, headers checked before any read."""
+    names = {f.name for f in dataclasses.fields(QuantState)}
+    members = {}
+    for info in archive.infolist():
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key not in names or key in members:
+            raise ValueError(f"{path}: unexpected member {info.filename!r} "
+                             f"(a QuantState file holds {', '.join(sorted(names))})")
+        members[key] = info
+    headers = {key: _npy_header(archive, info, path, file_size) for key, info in members.items()}
+
+    d = {}
+    for key in members.keys() & _META.keys():          # small by the check, so read first
+        (shape, dtype, _), (kinds, most) = headers[key], _META[key]
+        if key == "shape" and shape == (0,):
+            kinds += "f"  # np.savez of [] (a 0-d tensor's shape) stores float64
+        if dtype.kind not in kinds or len(shape) > (key == "shape") or math.prod(shape) > most \
+                or dtype.itemsize > 256:
+            raise ValueError(f"{path}: member {key!r} claims shape {shape} of {dtype}; "
+                             f"expected {'a short list of integers' if key == 'shape' else 'one value'}")
+        value = _read_member(archive, members[key], headers[key])
+        d[key] = value if key == "shape" else value.item()  # a Python int, str or float
+    for key in ("shape", "blocksize", "dtype", "quant_type"):
+        if key not in d:
+            raise ValueError(f"{path}: member {key!r} is missing; is it a QuantState file?")
+    shape = _shape_tuple(d["shape"].tolist())
+    d["shape"] = shape
+    blocksize, nested_bs = d["blocksize"], d.get("nested_blocksize")
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"{path}: blocksize {blocksize!r} is not one of {VALID_BLOCKSIZES}")
+    double_quant = "nested_absmax" in members
+    if double_quant and (nested_bs is None or nested_bs < 1):
+        raise ValueError(f"{path}: double quantized, but nested_blocksize is {nested_bs!r}")
+
+    for key, (length, dtype) in _layout(shape, int(blocksize), double_quant, nested_bs).items():
+        if key not in members:
+            raise ValueError(f"{path}: member {key!r} is missing")
+        claimed_shape, claimed_dtype, _ = headers[key]
+        if claimed_shape != (length,) or claimed_dtype != np.dtype(dtype):
+            raise ValueError(f"{path}: member {key!r} claims shape {claimed_shape} of "
+                             f"{claimed_dtype}, but shape {shape} with blocksize {blocksize} "
+                             f"needs ({length},) of {np.dtype(dtype).name}")
+        d[key] = _read_member(archive, members[key], headers[key])
+    extra = members.keys() - d.keys()
+    if extra:
+        raise ValueError(f"{path}: unexpected members {sorted(extra)} for this layout")
+    return d

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "as_float32_flat", "check_blocksize",
-           "check_quant_type", "dtype_name"]
+           "check_quant_type", "check_positive_int", "check_code", "check_num_threads",
+           "MAX_THREADS", "dtype_name"]
 
 #: Blocksizes bitsandbytes accepts for 4-bit quantization (powers of two).
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -80,3 +81,36 @@ def check_quant_type(quant_type) -> str:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}; got {quant_type!r}")
     return quant_type
+
+
+def check_positive_int(value, name: str) -> int:
+    """Return ``value`` as an int if it is an integer >= 1, else raise ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def check_code(code, max_size: int = 256) -> np.ndarray:
+    """A codebook as a 1-D float32 array of 2..``max_size`` finite values in [-1, 1]."""
+    array = np.asarray(code)
+    if array.ndim != 1 or not 2 <= array.size <= max_size or array.dtype.kind != "f":
+        raise ValueError(f"code must be a 1-D float array of 2 to {max_size} values; got shape "
+                         f"{array.shape} of {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not (np.isfinite(array).all() and np.abs(array).max() <= 1):
+        raise ValueError("code values must be finite and within [-1, 1]")
+    return array
+
+
+#: The most threads a kernel call may ask for (libgomp aborts the process when it
+#: cannot create the threads asked for; 100,000 did).
+MAX_THREADS = 256
+
+
+def check_num_threads(num_threads) -> int:
+    """``num_threads`` as an int in 1..:data:`MAX_THREADS`, else ``ValueError``."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+            or not 1 <= int(num_threads) <= MAX_THREADS:
+        raise ValueError(f"num_threads must be an integer from 1 to {MAX_THREADS} "
+                         f"(or None for the default); got {num_threads!r}")
+    return int(num_threads)

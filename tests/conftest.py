@@ -4,24 +4,28 @@
   CI machine takes longer than the tests, so dynamo is disabled for the
   test session (this changes no arithmetic: the eager path computes the same
   float32 operations).
-* OpenMP waits passively (see below).
 * Hypothesis runs a fixed, moderate number of examples without deadlines
-  (timings on a shared CI machine are noisy).
+  (timings on a shared CI machine are noisy); under CI the examples are
+  derandomized (profiles below).
 """
 import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-# OpenMP threads that spin while waiting make small torch ops 100x slower on a
-# busy 2-core machine; passive waiting costs nothing when the machine is idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("qlora_ref", deadline=None, max_examples=60,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "qlora_ref"))
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# local default: new random examples each run (and the failures it finds are replayed)
+settings.register_profile("qlora_ref", max_examples=60, **_common)
+# CI (CI=true): the same examples on every machine and every run, no example database,
+# so a CI failure reproduces on a developer's machine with `HYPOTHESIS_PROFILE=ci pytest`
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_common)
+# a long random search before a release: `HYPOTHESIS_PROFILE=thorough pytest -m "not slow"`
+settings.register_profile("thorough", max_examples=1000, database=None, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") else "qlora_ref"))
 
 
 def pytest_collection_modifyitems(config, items):

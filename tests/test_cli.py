@@ -1,51 +1,91 @@
-"""The command line: every subcommand has a useful --help, and the small ones run."""
+"""The command line: every subcommand has a useful --help, and the small ones run.
+
+The commands are called in-process through ``qlora_ref.cli.main`` (the function
+the ``qlora-ref`` script and ``python -m qlora_ref`` run); the last two tests
+start real processes to show that both entry points work and that a bad
+argument gives one line on stderr and exit status 2.
+"""
+import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from qlora_ref.cli import main
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "qlora_ref", *args], capture_output=True, text=True)
+
+def cli(capsys, *args):
+    """Run ``qlora-ref ARGS`` in-process; return (exit status, stdout, stderr)."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:           # argparse exits for --help and for usage errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("command", ["info", "finetune", "compare", "pretrain", "quantize",
                                      "memory", "bench"])
-def test_every_subcommand_explains_itself(command):
-    result = run(command, "--help")
-    assert result.returncode == 0 and "usage: qlora-ref " + command in result.stdout
+def test_every_subcommand_explains_itself(capsys, command):
+    code, out, _ = cli(capsys, command, "--help")
+    assert code == 0 and "usage: qlora-ref " + command in out
 
 
-def test_quantize_a_npy_file_with_histogram(tmp_path):
+def test_quantize_a_npy_file_with_histogram(capsys, tmp_path):
     w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     np.save(tmp_path / "w.npy", w)
-    result = run("quantize", str(tmp_path / "w.npy"), "--histogram", str(tmp_path / "h.png"))
-    assert result.returncode == 0, result.stderr
-    assert "bits per parameter      4.1" in result.stdout
+    code, out, err = cli(capsys, "quantize", str(tmp_path / "w.npy"),
+                         "--histogram", str(tmp_path / "h.png"))
+    assert code == 0, err
+    assert "bits per parameter      4.1" in out
     assert (tmp_path / "h.png").stat().st_size > 1000
 
 
-def test_quantize_a_safetensors_file_needs_a_key_when_ambiguous(tmp_path):
+def test_quantize_a_safetensors_file_needs_a_key_when_ambiguous(capsys, tmp_path):
     import torch
     from safetensors.torch import save_file
 
     save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(tmp_path / "t.safetensors"))
-    result = run("quantize", str(tmp_path / "t.safetensors"))
-    assert result.returncode == 2 and "--key" in result.stderr
-    assert run("quantize", str(tmp_path / "t.safetensors"), "--key", "b").returncode == 0
+    code, _, err = cli(capsys, "quantize", str(tmp_path / "t.safetensors"))
+    assert code == 2 and "--key" in err
+    assert cli(capsys, "quantize", str(tmp_path / "t.safetensors"), "--key", "b")[0] == 0
 
 
-def test_memory_reproduces_the_papers_65b_numbers():
-    result = run("memory", "65e9", "--preset", "llama-65b")
-    assert result.returncode == 0
-    total = [line for line in result.stdout.splitlines() if "total" in line][0]
+def test_memory_reproduces_the_papers_65b_numbers(capsys):
+    code, out, _ = cli(capsys, "memory", "65e9", "--preset", "llama-65b")
+    assert code == 0
+    total = [line for line in out.splitlines() if "total" in line][0]
     assert "780.00 GB" in total, total            # paper: > 780 GB for full 16-bit fine-tuning
     qlora_gb = float(total.split("|")[-2].split()[0])
     assert qlora_gb < 48, total                    # paper: < 48 GB with QLoRA
 
 
 @pytest.mark.parametrize("text", ["abc", "0", "-5"])
-def test_memory_rejects_bad_counts(text):
-    result = run("memory", text)
-    assert result.returncode == 2 and "parameter count" in result.stderr
+def test_memory_rejects_bad_counts(capsys, text):
+    code, _, err = cli(capsys, "memory", text)
+    assert code == 2 and "parameter count" in err
+
+
+# ----------------------------------------------------------------------------- real processes
+
+def test_console_script_runs():
+    """The ``qlora-ref`` script that installing the package writes runs ``main``."""
+    script = shutil.which("qlora-ref", path=os.pathsep.join(
+        [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    if script is None:
+        pytest.skip("the qlora-ref script is not installed (pip install -e . writes it)")
+    result = subprocess.run([script, "memory", "7B"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout and not result.stderr
+
+
+def test_python_dash_m_bad_input_is_one_line_and_status_2(tmp_path):
+    """From a real process (torch imported, warnings and all), an error is one stderr line
+    and status 2."""
+    result = subprocess.run([sys.executable, "-m", "qlora_ref", "finetune", "--task", "juggle",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and "unknown task 'juggle'" in lines[0], result.stderr

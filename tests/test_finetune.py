@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from qlora_ref.cli import main
 from qlora_ref.train.finetune import FinetuneConfig, finetune, load_config
 from qlora_ref.train.pretrain import default_base_model_path
 
@@ -16,22 +17,30 @@ pytestmark = pytest.mark.skipif(not default_base_model_path().is_file(),
 SMALL = dict(max_steps=40, eval_size=100, train_size=600)
 
 
-def run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "qlora_ref", *args], capture_output=True,
-                          text=True, **kwargs)
+def cli(capsys, *args):
+    """Run ``qlora-ref ARGS`` in-process (``qlora_ref.cli.main``); return (status, stderr).
+
+    tests/test_cli.py starts the real processes that show the entry points work.
+    """
+    try:
+        code = main(list(args))
+    except SystemExit as exc:           # argparse usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
 
 
-def test_finetune_command_learns_and_writes_adapters_plot_and_report(tmp_path):
+@pytest.mark.slow
+def test_finetune_command_learns_and_writes_adapters_plot_and_report(capsys, tmp_path):
     out = tmp_path / "run"
     # the main job with its defaults (282 steps; measured 0.075 -> 0.625 accuracy on seed 0)
-    result = run_cli("finetune", "--output-dir", str(out), "--quiet")
-    assert result.returncode == 0, result.stderr
+    code, err = cli(capsys, "finetune", "--output-dir", str(out), "--quiet")
+    assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["accuracy"], report["after"]["accuracy"]
     assert after >= before + 0.3, f"accuracy {before:.3f} -> {after:.3f}: not well above the base"
     assert report["after"]["loss"] < 0.5 * report["before"]["loss"]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "loss_curve.png", "report.md", "checkpoint/training_state.pt"):
+                 "loss_curve.png", "report.md", "checkpoint/LATEST"):
         assert (out / name).is_file(), name
 
 
@@ -43,6 +52,7 @@ def test_only_adapters_train_and_the_base_is_4bit():
     assert 8 * p["base_bytes"] / p["base_params"] < 4.2, "the frozen base is stored in ~4.13 bits"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resumed_run_ends_with_the_same_adapters(tmp_path, accumulation):
     config = FinetuneConfig(**SMALL, lora_dropout=0.1, per_device_train_batch_size=16,
@@ -78,25 +88,25 @@ def test_named_configurations_load_with_aliases(tmp_path):
     (["quantize", "/nonexistent.npy"], "no such file"),
     (["finetune", "--r", "0"], "r must be a positive integer"),
 ])
-def test_cli_errors_are_one_clear_line(tmp_path, args, message):
-    result = run_cli(*args, "--output-dir" if args[0] == "finetune" else "--quiet",
-                     *([str(tmp_path)] if args[0] == "finetune" else []))
-    assert result.returncode == 2
-    lines = [l for l in result.stderr.strip().splitlines() if l]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def test_cli_errors_are_one_clear_line(capsys, tmp_path, args, message):
+    code, err = cli(capsys, *args, "--output-dir" if args[0] == "finetune" else "--quiet",
+                    *([str(tmp_path)] if args[0] == "finetune" else []))
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and message in lines[0], err
 
 
-def test_cli_unreadable_checkpoint(tmp_path):
+def test_cli_unreadable_checkpoint(capsys, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    result = run_cli("finetune", "--base-model", str(bad), "--output-dir", str(tmp_path))
-    assert result.returncode == 2 and "not a valid qlora_ref base model" in result.stderr
+    code, err = cli(capsys, "finetune", "--base-model", str(bad), "--output-dir", str(tmp_path))
+    assert code == 2 and "not a valid qlora_ref base model" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_cli_cuda_without_gpu():
-    result = run_cli("finetune", "--device", "cuda")
-    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
+def test_cli_cuda_without_gpu(capsys):
+    code, err = cli(capsys, "finetune", "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in err
 
 
 DDP_SCRIPT = """
@@ -110,6 +120,7 @@ torch.save({"adapters": state, "history": result.history}, os.path.join(sys.argv
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_adapters_and_learn(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -125,6 +136,7 @@ def test_torchrun_two_processes_keep_identical_adapters_and_learn(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, "the loss did not fall"
 
 
+@pytest.mark.slow
 def test_quick_compare_nf4_qlora_is_within_the_seed_spread_of_16bit_lora(tmp_path):
     """Paper's central claim in miniature, on the quick profile (3 seeds per arm).
 

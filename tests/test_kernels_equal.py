@@ -1,4 +1,4 @@
-"""Every Cython kernel gives the same bytes as its NumPy twin (STYLE rule 4).
+"""Every Cython kernel gives the same bytes as its readable NumPy twin.
 
 One test per kernel of :mod:`qlora_ref._kernels.quant4`, called directly
 (not through :func:`qlora_ref.quantize_4bit`), on random lengths: odd
@@ -10,6 +10,10 @@ code wins, ``searchsorted(..., side="left")``).
 
 The bfloat16 kernels are compared with torch: the NumPy float32 result,
 rounded by ``torch.Tensor.to(torch.bfloat16)``.
+
+The twins also agree on what they reject: a pad outside 0..15 and a code of
+16 or more raise ``ValueError`` in ``packing.pack_nibbles`` and in the
+kernels alike (more tampered inputs: ``tests/test_tampered_inputs.py``).
 """
 import numpy as np
 import pytest
@@ -67,6 +71,14 @@ def _bf16_bits(x32):
 
 # -- quantization ----------------------------------------------------------------
 
+def _quantize_4bit_reference(x, code, blocksize, pad):
+    """The NumPy twin of ``quantize_4bit_packed``, step by step as the 4-bit path takes them."""
+    absmax = blockwise.block_absmax(x, blocksize)                        # (n_blocks,) c_b
+    codes = blockwise.nearest_code(blockwise.normalize(x, absmax, blocksize), code)  # (n,)
+    return packing.pack_nibbles(codes, pad=pad), absmax
+
+
+
 @given(n=st.integers(1, 9000), seed=st.integers(0, 2**32 - 1),
        quant_type=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from(BLOCKSIZES),
        num_threads=THREADS)
@@ -74,8 +86,7 @@ def test_quantize_4bit_packed(n, seed, quant_type, blocksize, num_threads):
     code = code_for(quant_type)
     midpoints, order, pad = _tables(code)
     x = _data(seed, n, blocksize, code)
-    codes_ref, absmax_ref = blockwise.quantize_blockwise(x, code, blocksize)
-    packed_ref = packing.pack_nibbles(codes_ref, pad=pad)
+    packed_ref, absmax_ref = _quantize_4bit_reference(x, code, blocksize, pad)
 
     n_blocks = -(-n // blocksize)
     packed = np.full((n + 1) // 2, 0xAA, np.uint8)
@@ -199,6 +210,66 @@ def test_pack_and_unpack_nibbles(n, seed, pad, num_threads):
     np.testing.assert_array_equal(unpacked, packing.unpack_nibbles(packed, n))
 
 
+_PADS = st.one_of(st.integers(-300, 300), st.sampled_from(
+    [2**40, -2**40, 7.0, True, None, "7", np.uint8(7), np.uint8(0x23), np.int64(16)]))
+
+
+def _outcome(call):
+    """The bytes a call returns, or ValueError (any other exception fails the test)."""
+    try:
+        return call().tobytes()
+    except ValueError:
+        return ValueError
+
+
+@given(n=st.integers(1, 300).map(lambda k: 2 * k - 1), seed=st.integers(0, 2**32 - 1),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]), pad=_PADS, num_threads=THREADS)
+def test_pad_is_checked_and_placed_alike_by_both_twins(n, seed, quant_type, pad, num_threads):
+    """An odd count: the last low nibble is the pad, a 4-bit code 0..15, in every twin.
+
+    Was: for pad 0x23, ``packing.pack_nibbles`` wrote 0xf3 (the pad's high bits spilled
+    into the code's nibble) and ``quantize_4bit_packed`` 0x73 (masked). Now a pad outside
+    0..15 (or not an integer) is a ValueError in the NumPy twin and in both kernels.
+    """
+    code = code_for(quant_type)
+    midpoints, order, _ = _tables(code)
+    x = _data(seed, n, 64, code)
+    codes = blockwise.nearest_code(blockwise.normalize(x, blockwise.block_absmax(x, 64), 64),
+                                   code)
+    reference = _outcome(lambda: packing.pack_nibbles(codes, pad=pad))
+
+    def fused():
+        packed = np.full((n + 1) // 2, 0xAA, np.uint8)
+        absmax = np.empty(-(-n // 64), np.float32)
+        _kernels().quantize_4bit_packed(x, midpoints, order, 64, pad, packed, absmax,
+                                        num_threads)
+        return packed
+
+    def pack_only():
+        packed = np.full((n + 1) // 2, 0xAA, np.uint8)
+        _kernels().pack_nibbles(codes, pad, packed, num_threads)
+        return packed
+
+    valid = isinstance(pad, (int, np.integer)) and not isinstance(pad, bool) and 0 <= pad <= 15
+    assert (reference is ValueError) != valid, f"pack_nibbles with pad={pad!r}"
+    assert _outcome(fused) == reference, f"quantize_4bit_packed with pad={pad!r}"
+    assert _outcome(pack_only) == reference, f"kernels().pack_nibbles with pad={pad!r}"
+    if valid:
+        assert reference[-1] & 15 == pad, "the pad is the last low nibble"
+
+
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1), num_threads=THREADS)
+def test_codes_of_16_or_more_are_rejected_by_both_pack_twins(n, seed, num_threads):
+    """Was: ``pack_nibbles([16, 1])`` gave ``[1]``; a code must fit its nibble."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, n).astype(np.uint8)
+    codes[rng.integers(0, n)] = rng.integers(16, 256)
+    with pytest.raises(ValueError, match="codes must be 4-bit codes"):
+        packing.pack_nibbles(codes)
+    with pytest.raises(ValueError, match="codes must be 4-bit codes"):
+        _kernels().pack_nibbles(codes, 0, np.empty((n + 1) // 2, np.uint8), num_threads)
+
+
 # -- through the public API --------------------------------------------------------
 
 @given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1), double_quant=st.booleans(),
@@ -206,10 +277,20 @@ def test_pack_and_unpack_nibbles(n, seed, pad, num_threads):
 def test_dequantize_4bit_to_bfloat16_uses_the_kernel_and_matches_torch(n, seed, double_quant,
                                                                        num_threads):
     import torch
+
+    def bits(out):  # bfloat16 as a torch tensor, or its uint16 bit patterns as NumPy
+        if isinstance(out, torch.Tensor):
+            assert out.dtype == torch.bfloat16
+            return out.view(torch.int16).numpy().view(np.uint16)
+        assert out.dtype == np.uint16
+        return out
+
     x = _data(seed, n, 64, code_for("nf4"))
     state = qlora_ref.quantize_4bit(x, double_quant=double_quant, backend="numpy")
     ref = qlora_ref.dequantize_4bit(state, dtype="bfloat16", backend="numpy")
     fast = qlora_ref.dequantize_4bit(state, dtype="bfloat16", backend="cython",
                                      num_threads=num_threads)
-    assert fast.dtype == ref.dtype == torch.bfloat16 and fast.shape == ref.shape
-    assert torch.equal(fast.view(torch.int16), ref.view(torch.int16))
+    assert fast.shape == ref.shape == (n,)
+    np.testing.assert_array_equal(bits(fast), bits(ref))
+    f32 = qlora_ref.dequantize_4bit(state, dtype="float32", backend="numpy")
+    np.testing.assert_array_equal(bits(fast), _bf16_bits(f32))

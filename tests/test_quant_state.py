@@ -105,8 +105,43 @@ def test_torch_inputs_including_bfloat16():
     x = torch.randn(16, 64).to(torch.bfloat16)
     state = qlora_ref.quantize_4bit(x)
     assert state.dtype == "bfloat16"
-    out = qlora_ref.dequantize_4bit(state)
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16 and out.shape == (16, 64)
+    out = qlora_ref.dequantize_4bit(state)  # NumPy has no bfloat16: the bit patterns, as uint16
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint16 and out.shape == (16, 64)
     same = qlora_ref.quantize_4bit(x.float().numpy())
     np.testing.assert_array_equal(state.packed, same.packed)
-    assert torch.equal(out, torch.from_numpy(qlora_ref.dequantize_4bit(same)).to(torch.bfloat16))
+    expected = torch.from_numpy(qlora_ref.dequantize_4bit(same)).to(torch.bfloat16)
+    np.testing.assert_array_equal(out, expected.view(torch.int16).numpy().view(np.uint16))
+    as_tensor = qlora_ref.dequantize_4bit_torch(state, dtype=torch.bfloat16)
+    assert torch.equal(as_tensor, expected)
+
+
+@pytest.mark.parametrize("spelling", ["float16", np.float16, np.dtype("float16"), "torch.float16"])
+def test_dequantize_accepts_every_spelling_of_a_dtype(spelling):
+    state = qlora_ref.quantize_4bit(np.linspace(-1, 1, 128, dtype=np.float32))
+    out = qlora_ref.dequantize_4bit(state, dtype=spelling)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, qlora_ref.dequantize_4bit(state).astype(np.float16))
+
+
+def test_dequantize_accepts_torch_dtypes():
+    torch = pytest.importorskip("torch")
+    state = qlora_ref.quantize_4bit(np.linspace(-1, 1, 128, dtype=np.float32))
+    assert qlora_ref.dequantize_4bit(state, dtype=torch.float16).dtype == np.float16
+    bf16 = qlora_ref.dequantize_4bit(state, dtype=torch.bfloat16)
+    reference = torch.from_numpy(qlora_ref.dequantize_4bit(state)).to(torch.bfloat16)
+    np.testing.assert_array_equal(bf16, reference.view(torch.int16).numpy().view(np.uint16))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        qlora_ref.dequantize_4bit(state, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("num_threads", [0, -1, 100_000, 2.5, True, "2"])
+@pytest.mark.parametrize("backend", ["numpy", "cython"])
+def test_a_bad_thread_count_is_a_value_error_not_a_dead_process(num_threads, backend):
+    if backend == "cython" and not qlora_ref.cython_available():
+        pytest.skip("the Cython extension is not built in this environment")
+    x = np.ones((4, 64), np.float32)
+    with pytest.raises(ValueError, match="num_threads"):
+        qlora_ref.quantize_4bit(x, backend=backend, num_threads=num_threads)
+    state = qlora_ref.quantize_4bit(x, backend=backend)
+    with pytest.raises(ValueError, match="num_threads"):
+        qlora_ref.dequantize_4bit(state, backend=backend, num_threads=num_threads)

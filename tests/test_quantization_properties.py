@@ -64,7 +64,9 @@ def test_error_is_bounded_by_half_the_largest_code_gap(x, quant_type, blocksize,
 def test_double_quantized_constants_are_within_half_a_dynamic_code_gap(x, blocksize):
     """|c_b - c_hat_b| <= c1 * max_gap(dynamic) / 2 (+ rounding): the second level's own bound."""
     state = qlora_ref.quantize_4bit(x, "nf4", blocksize, double_quant=True)
-    c = blockwise.block_absmax(x.reshape(-1), blocksize).astype(np.float64)
+    # the constants double quantization compresses: the absmax a single-level state stores
+    # (a trailing partial block's is clamped at 1e-38, as bitsandbytes stores it)
+    c = qlora_ref.quantize_4bit(x, "nf4", blocksize, double_quant=False).absmax.astype(np.float64)
     c_hat = dequantize_absmax(state).astype(np.float64)
     c1 = per_element_absmax(state.nested_absmax, c.size, state.nested_blocksize)
     bound = c1 * max_half_gap(state.nested_code) + 4 * EPS32 * (np.abs(c) + c1) + TINY_SPACING
@@ -175,3 +177,12 @@ def test_output_dtype_defaults_to_the_input_dtype(dtype):
     x = np.linspace(-1, 1, 130).astype(dtype)
     out = qlora_ref.dequantize_4bit(qlora_ref.quantize_4bit(x))
     assert out.dtype == dtype and out.shape == x.shape
+
+
+def test_the_cached_tables_cannot_be_changed_by_a_caller():
+    """The tables every call shares are read-only: one mutation must not corrupt later calls."""
+    from qlora_ref.fourbit import _dynamic_tables, _tables
+    for table in (*_tables("nf4")[:3], *_dynamic_tables()):
+        assert not table.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            table[0] = 0

@@ -32,17 +32,58 @@ def _torch():
     return torch
 
 
-def _numpy(x, dtype) -> np.ndarray:
-    """A tensor or array as a 1-D NumPy array of ``dtype`` (exact: no value conversion)."""
-    if hasattr(x, "detach"):
+def _numpy(x, dtype, what: str = "input") -> np.ndarray:
+    """A tensor or array as a 1-D NumPy array of ``dtype`` (exact: no value conversion).
+
+    ``what`` names the field in the ``ValueError`` for anything else (None, a list, another dtype).
+    """
+    if hasattr(x, "detach") and hasattr(x, "numpy"):
         x = x.detach().to("cpu").contiguous()
         if str(x.dtype) != "torch." + np.dtype(dtype).name:
-            raise ValueError(f"expected a {np.dtype(dtype).name} tensor, got {x.dtype}")
+            raise ValueError(f"{what} must be a {np.dtype(dtype).name} tensor, got {x.dtype}")
         return x.numpy().reshape(-1).copy()
-    x = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{what} must be a {np.dtype(dtype).name} tensor or array, "
+                         f"got {type(x).__name__}")
     if x.dtype != dtype:
-        raise ValueError(f"expected a {np.dtype(dtype).name} array, got {x.dtype}")
+        raise ValueError(f"{what} must be a {np.dtype(dtype).name} array, got {x.dtype}")
     return x.reshape(-1).copy()
+
+
+def _field(obj, name: str, what: str):
+    """``obj.name``, or a ``ValueError`` naming ``what.name`` if it is missing or None."""
+    value = getattr(obj, name, None)
+    if value is None:
+        raise ValueError(f"{what}.{name} is missing (None)")
+    return value
+
+
+def _int(value, what: str) -> int:
+    """An integer field (a Python/NumPy int or a one-element integer tensor), else ``ValueError``."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1 \
+            and not isinstance(value, (int, np.integer)):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _shape(value, what: str) -> tuple:
+    try:
+        dims = tuple(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a sequence of integers, got {value!r}") from None
+    return tuple(_int(d, what) for d in dims)
+
+
+def _offset(value, what: str) -> np.float32:
+    if hasattr(value, "item"):
+        if getattr(value, "numel", lambda: 1)() != 1:
+            raise ValueError(f"{what} must be one number, got {value!r}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return np.float32(value)
 
 
 def _checked_code(stored, quant_type: str) -> np.ndarray:
@@ -52,7 +93,7 @@ def _checked_code(stored, quant_type: str) -> np.ndarray:
     it as -0.0 (see :func:`qlora_ref.fp4_code`); we keep the kernels' meaning.
     """
     ours = code_for(quant_type)
-    stored = _numpy(stored, np.float32)
+    stored = _numpy(stored, np.float32, f"the {quant_type} code table")
     if stored.shape != ours.shape or not np.array_equal(stored, ours):
         raise ValueError(f"the stored {quant_type} table differs from the standard one: "
                          f"{stored.tolist()}")
@@ -93,23 +134,46 @@ def to_bitsandbytes(state: QuantState, device="cpu"):
 
 
 def from_bitsandbytes(packed, quant_state) -> QuantState:
-    """Build a :class:`~qlora_ref.QuantState` from bitsandbytes' ``(packed, QuantState)``."""
-    if quant_state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"unsupported bitsandbytes quant_type {quant_state.quant_type!r}")
-    if str(packed.dtype) != "torch.uint8":
+    """Build a :class:`~qlora_ref.QuantState` from bitsandbytes' ``(packed, QuantState)``.
+
+    Raises ``ValueError`` naming the field for anything that is not what
+    ``bitsandbytes.functional.quantize_4bit`` returns: ``quant_state`` None
+    or a dict (a serialized state dict goes to :func:`from_linear4bit_state_dict`),
+    a missing ``absmax``/``state2``/``offset``, a non-integer blocksize, a
+    tensor of the wrong dtype.
+    """
+    if quant_state is None or isinstance(quant_state, dict) or not hasattr(quant_state, "quant_type"):
+        raise ValueError(f"quant_state must be a bitsandbytes.functional.QuantState, got "
+                         f"{type(quant_state).__name__} (for Linear4bit state-dict entries use "
+                         f"from_linear4bit_state_dict)")
+    quant_type = quant_state.quant_type
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"unsupported bitsandbytes quant_type {quant_type!r}")
+    if not hasattr(packed, "dtype"):
+        raise ValueError(f"packed must be a uint8 tensor, got {type(packed).__name__}")
+    if hasattr(packed, "view") and hasattr(packed, "detach") and str(packed.dtype) != "torch.uint8":
         packed = packed.view(_torch().uint8)  # bitsandbytes may store in another quant_storage
-    kwargs = dict(packed=_numpy(packed, np.uint8),
-                  shape=tuple(quant_state.shape), dtype=str(quant_state.dtype).replace("torch.", ""),
-                  blocksize=int(quant_state.blocksize), quant_type=quant_state.quant_type,
-                  code=_checked_code(quant_state.code, quant_state.quant_type))
-    if quant_state.nested:
-        kwargs.update(absmax=_numpy(quant_state.absmax, np.uint8),
-                      nested_absmax=_numpy(quant_state.state2.absmax, np.float32),
-                      nested_code=_numpy(quant_state.state2.code, np.float32),
-                      offset=np.float32(quant_state.offset.item()),
-                      nested_blocksize=int(quant_state.state2.blocksize))
+    kwargs = dict(packed=_numpy(packed, np.uint8, "packed"),
+                  shape=_shape(_field(quant_state, "shape", "quant_state"), "quant_state.shape"),
+                  dtype=str(_field(quant_state, "dtype", "quant_state")).replace("torch.", ""),
+                  blocksize=_int(_field(quant_state, "blocksize", "quant_state"),
+                                 "quant_state.blocksize"),
+                  quant_type=quant_type,
+                  code=_checked_code(_field(quant_state, "code", "quant_state"), quant_type))
+    absmax = _field(quant_state, "absmax", "quant_state")
+    if getattr(quant_state, "nested", False):
+        state2 = _field(quant_state, "state2", "quant_state")
+        kwargs.update(absmax=_numpy(absmax, np.uint8, "quant_state.absmax"),
+                      nested_absmax=_numpy(_field(state2, "absmax", "quant_state.state2"),
+                                           np.float32, "quant_state.state2.absmax"),
+                      nested_code=_numpy(_field(state2, "code", "quant_state.state2"),
+                                         np.float32, "quant_state.state2.code"),
+                      offset=_offset(_field(quant_state, "offset", "quant_state"),
+                                     "quant_state.offset"),
+                      nested_blocksize=_int(_field(state2, "blocksize", "quant_state.state2"),
+                                            "quant_state.state2.blocksize"))
     else:
-        kwargs.update(absmax=_numpy(quant_state.absmax, np.float32))
+        kwargs.update(absmax=_numpy(absmax, np.float32, "quant_state.absmax"))
     return QuantState(**kwargs)
 
 
@@ -145,29 +209,45 @@ def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> Quan
 
     Raises ``ValueError`` naming the missing key if an entry is absent.
     """
-    meta_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    meta_keys = [k for k in state_dict
+                 if isinstance(k, str) and k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
     if len(meta_keys) != 1:
         raise ValueError(f"expected one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, "
-                         f"found {meta_keys or 'none'} among {sorted(state_dict)}")
-    meta = json.loads(bytes(_numpy(state_dict[meta_keys[0]], np.uint8)).decode("utf-8"))
+                         f"found {meta_keys or 'none'} among {sorted(map(str, state_dict))}")
+    try:
+        meta = json.loads(bytes(_numpy(state_dict[meta_keys[0]], np.uint8, meta_keys[0]))
+                          .decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_keys[0]} does not hold JSON metadata: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_keys[0]} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+    if "nested_offset" in meta:
+        missing += [k for k in ("nested_blocksize",) if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_keys[0]} lacks {missing}")
 
     def entry(name, dtype):
         key = f"{prefix}.{name}" if name else prefix
         if key not in state_dict:
             raise ValueError(f"Linear4bit state dict lacks '{key}'")
-        return _numpy(state_dict[key], dtype)
+        return _numpy(state_dict[key], dtype, key)
 
-    kwargs = dict(packed=entry("", np.uint8), shape=tuple(meta["shape"]), dtype=meta["dtype"],
-                  blocksize=int(meta["blocksize"]), quant_type=meta["quant_type"],
+    where = f"{meta_keys[0]}:"
+    if meta["quant_type"] not in ("nf4", "fp4"):
+        raise ValueError(f"{where} unsupported quant_type {meta['quant_type']!r}")
+    kwargs = dict(packed=entry("", np.uint8), shape=_shape(meta["shape"], f"{where} shape"),
+                  dtype=meta["dtype"], blocksize=_int(meta["blocksize"], f"{where} blocksize"),
+                  quant_type=meta["quant_type"],
                   code=_checked_code(entry("quant_map", np.float32), meta["quant_type"]))
     if "nested_offset" in meta:
         kwargs.update(absmax=entry("absmax", np.uint8),
                       nested_absmax=entry("nested_absmax", np.float32),
                       nested_code=entry("nested_quant_map", np.float32),
-                      offset=np.float32(meta["nested_offset"]),
-                      nested_blocksize=int(meta["nested_blocksize"]))
+                      offset=_offset(meta["nested_offset"], f"{where} nested_offset"),
+                      nested_blocksize=_int(meta["nested_blocksize"], f"{where} nested_blocksize"))
     else:
         kwargs.update(absmax=entry("absmax", np.float32))
     return QuantState(**kwargs)
-
-

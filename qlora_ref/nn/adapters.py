@@ -23,10 +23,16 @@ Note (what is refused): PEFT options that change the layer's formula --
 rsLoRA (:math:`s = \alpha/\sqrt r`), DoRA, ``fan_in_fan_out``, trained
 biases, ``modules_to_save`` -- raise ``ValueError`` on load rather than
 load into a layer that would compute something else.
+
+Note (hostile configs): ``adapter_config.json`` is input. Wrong JSON types
+(``r: 4.7``, ``lora_alpha: "8"``, a list instead of an object) are a
+``ValueError`` naming the field, and ``rank_pattern`` / ``alpha_pattern``
+keys are matched with a bounded cost (:func:`pattern_matcher`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -34,12 +40,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .lora import LoRALinear, lora_scaling
 from .model import prepare_model
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "adapter_key"]
+try:  # the standard library's regex parser (a private module, renamed in Python 3.11)
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre_parse
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "adapter_key",
+           "pattern_matcher", "check_regex_cost"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -107,7 +120,7 @@ def _read(directory: Path) -> tuple[dict, dict]:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise ValueError(f"{directory} has no {name}; is it a PEFT LoRA adapter directory?")
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = _read_config(directory / CONFIG_NAME)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
     refused = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
@@ -117,8 +130,13 @@ def _read(directory: Path) -> tuple[dict, dict]:
         if value != fine and not (fine is None and not value):
             raise ValueError(f"{directory}: {key}={config[key]!r} is not supported by qlora_ref "
                              f"(only {key}={fine!r}); the layers would compute something else")
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file: "
+                         f"{exc}") from None
     weights = {}
-    for key, tensor in load_file(str(directory / WEIGHTS_NAME)).items():
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{directory}: unexpected tensor {key!r}; expected only "
@@ -127,10 +145,150 @@ def _read(directory: Path) -> tuple[dict, dict]:
     return config, weights
 
 
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a path suffix (as a regex)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _read_config(path: Path) -> dict:
+    """``adapter_config.json``, with the fields we use checked for JSON type and range.
+
+    Every failure is one ``ValueError`` naming the file and the field.
+    """
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    checks = {
+        "peft_type": (lambda v: isinstance(v, str), "a string"),
+        "r": (_is_positive_int, "a positive integer"),
+        "lora_alpha": (_is_number, "a finite number"),
+        "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object (or null)"),
+        "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object (or null)"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{path}: {key} must be {what}, got {config[key]!r}")
+    for field, ok, what in (("rank_pattern", _is_positive_int, "a positive integer"),
+                            ("alpha_pattern", _is_number, "a finite number")):
+        for key, value in (config.get(field) or {}).items():
+            if not ok(value):
+                raise ValueError(f"{path}: {field}[{key!r}] must be {what}, got {value!r}")
+    return config
+
+
+#: Longest ``rank_pattern`` / ``alpha_pattern`` key run as a regular expression.
+MAX_PATTERN_LENGTH = 256
+#: Most repetitions (``*``, ``+``, ``{m,n}``) in one such key.
+MAX_PATTERN_REPEATS = 2
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]*")  # module paths: no regex syntax but "."
+
+
+def pattern_matcher(key: str):
+    r"""A test ``name -> bool`` equal to PEFT's ``re.match(rf"(.*\.)?({key})$", name)``, at bounded cost.
+
+    PEFT matches a ``rank_pattern`` / ``alpha_pattern`` key against a module
+    path with that regular expression: the key matches the whole path or a
+    suffix that starts after a ``.``. Run as given, a crafted key such as
+    ``(.*.*)*Z`` backtracks exponentially (minutes for a 20-character path).
+
+    Decision:
+
+    * A key made of letters, digits, ``_``, ``-`` and ``.`` (every key PEFT
+      writes, and module paths) is matched without a regex, by comparing the
+      path's last ``len(key)`` characters (``.`` matching any character, as
+      in the regex) and checking what precedes them is empty or ends in ``.``:
+      linear time, the same answer.
+    * Any other key must parse as a regex on its own (so it cannot close
+      PEFT's group and change the pattern around it), be at most
+      :data:`MAX_PATTERN_LENGTH` characters, have no repetition or
+      alternation inside a repetition, no back-references, and at most
+      :data:`MAX_PATTERN_REPEATS` repetitions. It then runs as PEFT runs it.
+      Without nesting, backtracking is polynomial: with PEFT's own ``.*``
+      prefix at most :math:`O(L^3)` steps for a path of length :math:`L`
+      (a few milliseconds at 200 characters).
+
+    Anything else is a ``ValueError`` naming the key and the rule.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"pattern key {key!r} must be a string")
+    if _PLAIN_KEY.fullmatch(key):
+        n = len(key)
+
+        def plain(name: str) -> bool:
+            start = len(name) - n
+            if start < 0 or (start > 0 and name[start - 1] != "."):
+                return False
+            return all(k == "." or k == c for k, c in zip(key, name[start:]))
+
+        return plain
+    check_regex_cost(key, "pattern key")
+    try:
+        compiled = re.compile(rf"(.*\.)?({key})$")  # PEFT's (peft.utils.other.get_pattern_key)
+    except re.error as exc:  # e.g. inline flags, valid alone but not inside PEFT's group
+        raise ValueError(f"pattern key {key!r} is not valid inside PEFT's pattern: {exc}") from None
+    return lambda name: compiled.match(name) is not None
+
+
+def check_regex_cost(pattern: str, what: str = "pattern") -> None:
+    """Raise ``ValueError`` unless ``pattern`` is a regex whose matching cost is bounded.
+
+    The rules of :func:`pattern_matcher`: it parses on its own, has at most
+    :data:`MAX_PATTERN_LENGTH` characters and :data:`MAX_PATTERN_REPEATS`
+    repetitions, and nests no repetition or alternation inside a repetition
+    and no back-reference. ``what`` names the field in the message.
+    """
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"{what} {pattern[:40]!r}... has {len(pattern)} characters; at most "
+                         f"{MAX_PATTERN_LENGTH} are run as a regular expression")
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+    repeats = _count_repeats(parsed, f"{what} {pattern!r}", inside_repeat=False)
+    if repeats > MAX_PATTERN_REPEATS:
+        raise ValueError(f"{what} {pattern!r} has {repeats} repetitions; at most "
+                         f"{MAX_PATTERN_REPEATS} are allowed (bounded matching cost)")
+
+
+def _count_repeats(items, what: str, inside_repeat: bool) -> int:
+    """Repetitions (max > 1) in a parsed regex; ``ValueError`` on nesting or back-references."""
+    count = 0
+    for op, av in items:
+        name = getattr(op, "name", str(op))
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = av
+            repeats = high > 1
+            if repeats and inside_repeat:
+                raise ValueError(f"{what} nests a repetition inside another; "
+                                 "its matching cost could be exponential")
+            count += repeats + _count_repeats(sub, what, inside_repeat or repeats)
+        elif name == "BRANCH":
+            if inside_repeat:
+                raise ValueError(f"{what} repeats an alternation; "
+                                 "its matching cost could be exponential")
+            count += sum(_count_repeats(sub, what, inside_repeat) for sub in av[1])
+        elif name == "SUBPATTERN":
+            count += _count_repeats(av[-1], what, inside_repeat)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            count += _count_repeats(av[1], what, inside_repeat)
+        elif name == "ATOMIC_GROUP":
+            count += _count_repeats(av, what, inside_repeat)
+        elif name.startswith("GROUPREF"):
+            raise ValueError(f"{what} uses a back-reference, which is not supported")
+    return count
+
+
+def _pattern_value(matchers: list, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches ``name``."""
+    for match, value in matchers:
+        if match(name):
             return value
     return default
 
@@ -162,15 +320,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     Raises
     ------
     ValueError
-        On a tensor whose shape differs from the layer's (naming the layer
-        and both shapes), weights for a layer the model lacks, or missing
-        layers when ``strict``.
+        On a config field of the wrong type or range, or a pattern key that
+        :func:`pattern_matcher` refuses (naming the field); a tensor whose
+        shape differs from the layer's (naming the layer and both shapes);
+        weights for a layer the model lacks, or missing layers when ``strict``.
     """
     directory = Path(directory)
     config, weights = _read(directory)
-    default_r, default_alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    default_r, default_alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    patterns = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        try:
+            patterns[field] = [(pattern_matcher(key), value)
+                               for key, value in (config.get(field) or {}).items()]
+        except ValueError as exc:
+            raise ValueError(f"{directory / CONFIG_NAME}: {field}: {exc}") from None
+    rank_pattern, alpha_pattern = patterns["rank_pattern"], patterns["alpha_pattern"]
     dropout = float(config.get("lora_dropout", 0.0))
 
     if not _lora_layers(model):

@@ -35,11 +35,13 @@ import numpy as np
 import torch
 
 from .. import backend as _backend
+from ..dtypes import float_dtype_name
 from ..fourbit import dequantize_4bit
 from ..quant_state import QuantState
+from ..validation import check_code, check_positive_int
 
-__all__ = ["TORCH_BACKENDS", "quant_state_tensors", "to_quant_state", "dequantize_absmax_torch",
-           "dequantize_4bit_torch", "dequantize_blockwise_torch", "resolve_torch_backend"]
+__all__ = ["TORCH_BACKENDS", "quant_state_tensors", "to_quant_state", "check_quant_tensors",
+           "dequantize_absmax_torch", "dequantize_4bit_torch", "dequantize_blockwise_torch", "resolve_torch_backend"]
 
 #: Paths :func:`dequantize_4bit_torch` can take.
 TORCH_BACKENDS = ("torch", "cython", "numpy")
@@ -49,14 +51,9 @@ _META_FIELDS = ("shape", "dtype", "blocksize", "quant_type", "nested_blocksize")
 
 StateLike = Union[QuantState, Mapping]
 
-#: Below this many elements the CPU kernels run on one thread: waking a
-#: second thread costs more than it saves, and on a busy machine a parallel
-#: region can wait milliseconds for a descheduled worker.
-PARALLEL_MIN_ELEMENTS = 1 << 16
-
-
 def _threads(n: int) -> int:
-    return 1 if n < PARALLEL_MIN_ELEMENTS else _backend.default_num_threads()
+    """Threads for a CPU kernel call on ``n`` values (one for small calls: see :mod:`qlora_ref.backend`)."""
+    return _backend.default_num_threads(n)
 
 
 def quant_state_tensors(state: QuantState, device=None) -> dict:
@@ -95,6 +92,42 @@ def to_quant_state(tensors: Mapping) -> QuantState:
     return QuantState(**kwargs)
 
 
+def _host_array(t, name: str) -> np.ndarray | None:
+    """A tensor as a 1-D NumPy array on the host (a copy off the CPU), for checking."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: no state field may be one
+        raise ValueError(f"{name} must not be bfloat16")
+    return t.detach().to("cpu").reshape(-1).numpy()
+
+
+def check_quant_tensors(tensors: Mapping) -> None:
+    """Raise ``ValueError`` unless ``tensors`` is a valid state, by :meth:`QuantState.validate`.
+
+    The same checks as the NumPy core, on a dict of tensors on any device.
+    The constants (one per block) and the code tables are copied to the host
+    and checked; the packed codes only by length and dtype, through a
+    zero-byte stand-in of the same length, so nothing of size ``n`` is copied.
+    """
+    packed = tensors.get("packed")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a uint8 tensor, got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    stand_in = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape=(packed.numel(),),
+                                               strides=(0,))             # (ceil(n/2),), 0 bytes
+    kwargs = {name: tensors.get(name) for name in _META_FIELDS}
+    for name in _ARRAY_FIELDS[1:]:                                      # all but packed
+        kwargs[name] = _host_array(tensors.get(name), name)
+    offset = _host_array(tensors.get("offset"), "offset")
+    kwargs["offset"] = None if offset is None else (offset[0] if offset.size == 1 else offset)
+    try:
+        QuantState(packed=stand_in, **kwargs)                            # validates
+    except TypeError as exc:  # a metadata field of the wrong kind
+        raise ValueError(f"not a valid quantization state: {exc}") from None
+
+
 def resolve_torch_backend(backend: str | None, device) -> str:
     """Pick the dequantization path for tensors on ``device``.
 
@@ -126,10 +159,8 @@ def _as_tensors(state: StateLike, device) -> dict:
 
 
 def _check_dtype(dtype) -> torch.dtype:
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float16, bfloat16, float32 or float64; "
-                         f"got {dtype!r}")
-    return dtype
+    """A torch dtype from any spelling :func:`qlora_ref.dtypes.float_dtype_name` accepts."""
+    return getattr(torch, float_dtype_name(dtype))
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -208,15 +239,35 @@ def dequantize_4bit_torch(state: StateLike, dtype: torch.dtype = torch.float32, 
     t = _as_tensors(state, device)
     path = resolve_torch_backend(backend, t["packed"].device)
     if path == "torch":
+        check_quant_tensors(t)
         out = _dequantize_4bit_pure_torch(t)
     else:  # the core's kernel (Cython) or reference (NumPy), on zero-copy views
         state = to_quant_state(t)
-        # the core returns float32 as NumPy, bfloat16 (rounded from float32) as torch
+        # the core returns float32, or bfloat16 (rounded from float32) as uint16 bit patterns
         core_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
         out = dequantize_4bit(state, dtype=core_dtype, backend=path,
                               num_threads=_threads(state.n_elements))
-        out = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+        out = torch.from_numpy(out)
+        if core_dtype == "bfloat16":
+            out = out.view(torch.int16).view(torch.bfloat16)  # reinterpret the bits, no copy
     return out.reshape(tuple(t["shape"])).to(dtype)  # (out, in): float32 rounded once to dtype
+
+
+def _check_blockwise_tensors(codes, absmax, code, blocksize) -> None:
+    """The checks :func:`qlora_ref.dequantize_blockwise` makes, for the pure-torch path."""
+    blocksize = check_positive_int(blocksize, "blocksize")
+    table = check_code(_host_array(code, "code"), max_size=256)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.numel() == 0:
+        raise ValueError(f"codes must be a non-empty uint8 tensor, got "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    n_blocks = -(-codes.numel() // blocksize)
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 \
+            or absmax.dim() != 1 or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must hold {n_blocks} float32 values (one per block of "
+                         f"{blocksize}); got {getattr(absmax, 'shape', None)} of "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)}")
+    if int(codes.max()) >= table.size:
+        raise ValueError(f"codes index up to {int(codes.max())}, but the code has {table.size} values")
 
 
 def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -244,6 +295,7 @@ def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, code: 
     dtype = _check_dtype(dtype)
     path = resolve_torch_backend(backend, codes.device)
     if path == "torch":
+        _check_blockwise_tensors(codes, absmax, code, blocksize)
         out = _scale_blocks(code[codes.reshape(-1).long()], absmax, blocksize)  # (n,) float32
     elif path == "cython":
         out = torch.empty(codes.numel(), dtype=torch.float32)

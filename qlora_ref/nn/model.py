@@ -59,6 +59,9 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
         heads = _output_head_names(model)
         return [name for name in linear if name not in heads]
     if isinstance(target_modules, str):
+        from .adapters import check_regex_cost  # (adapters imports this module)
+
+        check_regex_cost(target_modules, "target_modules")  # a crafted regex must not hang
         chosen = [name for name in linear if re.fullmatch(target_modules, name)]
         if not chosen:
             raise ValueError(f"target_modules regex {target_modules!r} matches no nn.Linear; "

@@ -24,13 +24,22 @@ Training data is a fixed, generated set of ``train_size`` examples, read in
 a new order each epoch (the order is a function of the seed and the epoch),
 so a checkpoint's data position is just the step count; a resumed run
 replays exactly the batches an uninterrupted run would have seen.
+
+Faults (see :mod:`qlora_ref.train.checkpoint`): every output path is checked
+and the output folder locked before the first step; checkpoints are switched
+into place only when complete, hold no pickle, and are verified (and their
+configuration compared with the run's) before a resume; a non-finite loss
+stops the run with the last good checkpoint kept; a full disk is reported as
+one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,10 +50,12 @@ import torch
 
 from ..nn import prepare_model, save_adapter, trainable_parameters
 from ..optim import make_optimizer
+from . import checkpoint as ckpt
 from . import tasks
 from .pretrain import default_base_model_path, load_base_model
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_config", "CONFIG_ALIASES"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "load_config", "CONFIG_ALIASES",
+           "TrainingDiverged", "check_output_dir", "RESUMABLE_CHANGES", "FIELD_TYPES"]
 
 #: Names people bring from other tools, mapped to ours (``lora_r`` is in the issue's example).
 CONFIG_ALIASES = {"lora_r": "r", "load_in_4bit": None, "load_in_8bit": None}
@@ -89,6 +100,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _check_field_types(self)
         if self.quant_bits not in (4, 8, 16):
             raise ValueError(f"quant_bits must be 4, 8 or 16, got {self.quant_bits!r}")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4", "int4"):
@@ -99,8 +111,45 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "lora_alpha", "lora_dropout", "weight_decay",
+                     "num_train_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and (
+                isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float))
+                or not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (or None), "
+                             f"got {self.max_grad_norm!r}")
+        for name in ("max_steps", "save_steps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.max_steps <= 0 and self.max_steps != -1:
+            raise ValueError(f"max_steps must be a positive integer (or -1: train for "
+                             f"num_train_epochs), got {self.max_steps!r}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be positive when max_steps is not set, "
+                             f"got {self.num_train_epochs!r}")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be >= 0 (0: only at the end), got {self.save_steps!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name, allowed in (("optim", ("paged_adamw", "adamw", "bnb_paged_adamw")),
+                              ("init_lora_weights", ("lora", "gaussian", "loftq")),
+                              ("bnb_4bit_compute_dtype", (None, "float32", "float16", "bfloat16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            from ..nn.adapters import check_regex_cost
+
+            check_regex_cost(self.target_modules, "target_modules")
         tasks.get_task(self.task)  # unknown task -> ValueError listing the known ones
 
     @property
@@ -123,22 +172,71 @@ class FinetuneConfig:
         return f"lora{self.quant_bits}"
 
 
+#: The JSON types each field takes (a ``float`` field takes an integer too; ``bool`` is
+#: never an integer). Ranges are checked in ``FinetuneConfig.__post_init__``.
+FIELD_TYPES = {
+    "base_model": (str, type(None)), "task": (str,), "quant_bits": (int,), "bnb_4bit_quant_type": (str,),
+    "bnb_4bit_use_double_quant": (bool,), "bnb_4bit_compute_dtype": (str, type(None)),
+    "full_finetune": (bool,), "r": (int,), "lora_alpha": (float,), "lora_dropout": (float,),
+    "target_modules": (str, list), "init_lora_weights": (str,), "learning_rate": (float,),
+    "num_train_epochs": (float,), "train_size": (int,), "per_device_train_batch_size": (int,),
+    "gradient_accumulation_steps": (int,), "max_steps": (int,), "weight_decay": (float,),
+    "max_grad_norm": (float, type(None)), "optim": (str,), "eval_size": (int,),
+    "logging_steps": (int,), "save_steps": (int,), "seed": (int,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list of strings", type(None): "null"}
+
+
+def _check_field_types(config) -> None:
+    """Raise ``ValueError`` naming the first field whose value has the wrong JSON type."""
+    for name, types in FIELD_TYPES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or isinstance(value, np.bool_):
+            ok = bool in types
+        elif isinstance(value, (int, np.integer)):
+            ok = int in types or float in types
+        elif isinstance(value, (float, np.floating)):
+            ok = float in types
+        elif isinstance(value, (list, tuple)):
+            ok = list in types and bool(value) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, tuple(t for t in types if t not in (int, float, bool, list)))
+        if not ok:
+            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
+
+
 def load_config(path: str | os.PathLike, name: str, **overrides) -> FinetuneConfig:
     """Read the named configuration from a JSON file of ``{name: {field: value}}``.
 
     Unknown fields are an error that lists the known ones; ``lora_r`` is
     accepted for ``r``, and ``learning_rate``-style names as in
-    :class:`FinetuneConfig`. ``overrides`` win over the file.
+    :class:`FinetuneConfig`. ``overrides`` (``None`` values ignored) win
+    over the file.
+
+    The file is checked against :data:`FIELD_TYPES` and the ranges of
+    :class:`FinetuneConfig` on its own first, so that every error in it is
+    one ``ValueError`` line starting ``FILE:NAME: KEY ...``; then the
+    overrides are applied and checked.
     """
     path = Path(path)
     try:
         configs = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no config file at {path}") from None
-    except json.JSONDecodeError as exc:
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(configs, dict):
+        raise ValueError(f"{path} must hold a JSON object of named configurations "
+                         f"({{name: {{field: value}}}}), got a {type(configs).__name__}")
     if name not in configs:
         raise ValueError(f"{path} has no configuration {name!r}; it has: {', '.join(configs)}")
+    if not isinstance(configs[name], dict):
+        raise ValueError(f"{path}:{name}: must be a JSON object of fields, "
+                         f"got a {type(configs[name]).__name__}")
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     values = {}
     for key, value in configs[name].items():
@@ -152,6 +250,10 @@ def load_config(path: str | os.PathLike, name: str, **overrides) -> FinetuneConf
         if key not in fields:
             raise ValueError(f"{path}:{name}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
         values[key] = value
+    try:
+        FinetuneConfig(**values)  # the file alone: its errors name the file
+    except ValueError as exc:
+        raise ValueError(f"{path}:{name}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     return FinetuneConfig(**values)
 
@@ -165,11 +267,12 @@ class FinetuneResult:
     after: dict
     history: list           #: [(step, training loss)]
     parameters: dict        #: trainable / total parameters, base bytes 4-bit vs 16-bit
-    seconds: float
+    seconds: float          #: training time of all ``steps``, the resumed-from part included
     steps: int
     device: str
     peak_memory_bytes: Optional[int] = None
     output_dir: Optional[str] = None
+    resumed_from_step: int = 0  #: the checkpoint's step when resumed, else 0
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -247,39 +350,146 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss (or the gradient norm) became NaN or infinite."""
+
+
+#: Config fields a resumed run may change: they say how long to train and what to log,
+#: not what a step computes. Any other difference is refused.
+RESUMABLE_CHANGES = ("max_steps", "num_train_epochs", "save_steps", "logging_steps", "eval_size")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot take the run's files.
+
+    Creates ``out`` if needed. Raises ``ValueError`` (one line) when ``out``
+    or a part of its path is a file, when it cannot be created or written,
+    or when one of the paths the run writes is of the wrong kind.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot create output directory {out}: a part of its path is a file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"output directory {out} is not writable")
+    for name in ("adapter", "checkpoint"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"{out / name} exists and is not a directory; the run writes a folder there")
+    for name in ("report.md", "report.json", "loss_curve.png"):
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a directory; the run writes a file there")
+
+
+def _base_model_file(config: FinetuneConfig) -> Path:
+    return Path(default_base_model_path() if config.base_model in ("default", "", None)
+                else config.base_model)
+
+
 def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(directory: Path, model, optimizer, step: int, history: list,
-                    config: FinetuneConfig) -> None:
-    """Adapters (PEFT layout and raw), optimizer state, and the data position (the step)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state()}, directory / "training_state.pt")
-    (directory / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "history": history, "config": dataclasses.asdict(config)}, indent=1))
-    if not config.full_finetune:
-        save_adapter(model, directory / "adapter")
+                    config: FinetuneConfig, seconds: float = 0.0, world_size: int = 1,
+                    base_model_sha256: Optional[str] = None) -> Path:
+    """Write a checkpoint of ``step`` under ``directory`` (see :mod:`qlora_ref.train.checkpoint`).
+
+    Tensors (trainable weights, optimizer moments, RNG states) go to one
+    safetensors file; the step, loss history, config, the optimizer's
+    parameter groups and the training time so far to JSON; the adapters in
+    PEFT layout beside them. Returns the new ``step-NNNNNN`` folder.
+    """
+    tensors = {f"trainable.{n}": t for n, t in _trainable_state(model).items()}
+    optimizer_tensors, optimizer_index = ckpt.optimizer_state_to_tensors(optimizer.state_dict())
+    tensors.update(optimizer_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    state = {"history": history, "config": dataclasses.asdict(config),
+             "base_model_sha256": base_model_sha256, "world_size": world_size,
+             "train_seconds": seconds, "optimizer": optimizer_index}
+    write_adapter = None if config.full_finetune else (
+        lambda folder: save_adapter(model, folder / "adapter"))
+    return ckpt.save_checkpoint(Path(directory), step, tensors, state, write_adapter)
+
+
+def check_resumable(saved: dict, folder: Path, config: FinetuneConfig, total_steps: int,
+                    world_size: int = 1, base_model_sha256: Optional[str] = None) -> None:
+    """Refuse to resume a checkpoint made with another configuration, base model or world size.
+
+    Only the fields in :data:`RESUMABLE_CHANGES` may differ; the error names the first other one.
+    """
+    mine = json.loads(json.dumps(dataclasses.asdict(config)))  # as the checkpoint stored it
+    theirs = saved.get("config")
+    if not isinstance(theirs, dict):
+        raise ckpt.CheckpointError(f"{folder / ckpt.TRAINER_STATE} holds no configuration")
+    defaults = json.loads(json.dumps(dataclasses.asdict(FinetuneConfig())))
+    for name, value in mine.items():
+        if name in RESUMABLE_CHANGES or name == "base_model":
+            continue
+        old = theirs.get(name, defaults[name])
+        if old != value:
+            raise ckpt.CheckpointError(
+                f"{folder} was trained with {name}={old!r}, this run has {name}={value!r}; "
+                f"resume with the same {name} or start a new run")
+    old_sha = saved.get("base_model_sha256")
+    if old_sha and base_model_sha256 and old_sha != base_model_sha256:
+        raise ckpt.CheckpointError(
+            f"{folder} was trained on another base model (sha256 {old_sha[:12]}...), this run's "
+            f"{_base_model_file(config)} has sha256 {base_model_sha256[:12]}...")
+    if int(saved.get("world_size", 1)) != world_size:
+        raise ckpt.CheckpointError(f"{folder} was trained by {saved.get('world_size')} processes, "
+                                   f"this run has {world_size}; the batches would differ")
+    if int(saved["step"]) > total_steps:
+        raise ckpt.CheckpointError(f"{folder} is at step {saved['step']}, past this run's "
+                                   f"{total_steps} steps")
+
+
+def restore_checkpoint(folder: Path, saved: dict, tensors: dict, model, optimizer) -> None:
+    """Put what :func:`save_checkpoint` wrote back into ``model`` and ``optimizer``, and the RNG."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    stored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+    if stored.keys() != params.keys():
+        differ = sorted(stored.keys() ^ params.keys())
+        raise ckpt.CheckpointError(f"{folder}: its trainable tensors do not fit this model "
+                                   f"({len(differ)} names differ, e.g. {differ[0]})")
+    for name, value in stored.items():
+        if params[name].shape != value.shape or params[name].dtype != value.dtype:
+            raise ckpt.CheckpointError(f"{folder}: tensor {name} {tuple(value.shape)} {value.dtype} "
+                                       "does not fit this model")
+        with torch.no_grad():
+            params[name].copy_(value)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(
+            saved["optimizer"], tensors, optimizer.state_dict()))
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"{folder}: the optimizer or RNG state does not fit this run "
+                                   f"({exc})") from None
+    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def load_checkpoint(directory: Path, model, optimizer) -> tuple[int, list]:
-    """Restore what :func:`save_checkpoint` wrote; returns (step, history)."""
-    directory = Path(directory)
-    state_file = directory / "training_state.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"no checkpoint in {directory} (missing training_state.pt)")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    for name, value in state["trainable"].items():
-        if name not in params or params[name].shape != value.shape:
-            raise ValueError(f"checkpoint tensor {name} {tuple(value.shape)} does not fit this model")
-        with torch.no_grad():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    meta = json.loads((directory / "trainer_state.json").read_text())
-    return int(meta["step"]), [tuple(h) for h in meta["history"]]
+    """Verify and restore a checkpoint (a folder, or the newest complete one under it).
+
+    Returns (step, history).
+    """
+    folder, _ = ckpt.find_checkpoint(directory)
+    saved, tensors = ckpt.read_checkpoint(folder)
+    restore_checkpoint(folder, saved, tensors, model, optimizer)
+    return int(saved["step"]), [tuple(h) for h in saved["history"]]
+
+
+def _all_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
@@ -295,25 +505,62 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
         ``None``: CUDA when available. Asking for CUDA without a GPU is a ``RuntimeError``.
     output_dir : path, optional
         Where adapters (PEFT layout), checkpoints, ``report.md``, ``report.json`` and
-        ``loss_curve.png`` go. Nothing is written without it.
+        ``loss_curve.png`` go. Nothing is written without it. It is checked and
+        locked (``.qlora-ref.lock``) before anything else; a second run into
+        it is refused while this one runs.
     resume_from : path, optional
-        A checkpoint folder written by an earlier run with the same config.
+        A checkpoint written by an earlier run with the same config: a
+        ``step-NNNNNN`` folder, the ``checkpoint`` folder (its newest complete
+        one), or the earlier run's output folder. It is verified first; a
+        torn one, or one made with another config or base model, is refused.
     stop_after : int, optional
         Stop (and checkpoint) after this many optimizer steps, as if interrupted.
     progress : bool
         Show a progress bar (rank 0 only).
     evaluate_before : bool
         Also evaluate the untrained model (``compare`` skips it to save time).
+
+    Raises
+    ------
+    ValueError
+        A bad output folder, or a checkpoint that is torn or does not fit
+        (:class:`~qlora_ref.train.checkpoint.CheckpointError`).
+    TrainingDiverged
+        The loss became NaN or infinite; the last good checkpoint is kept.
+    qlora_ref.train.checkpoint.DiskFullError
+        No space left on the device; the previous checkpoint is kept.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive integer, got {stop_after!r}")
     rank, world = _distributed()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.manual_seed(config.seed)
     out = Path(output_dir) if output_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if rank == 0 and out is not None:
+            check_output_dir(out)            # every output path, before the first step
+            stack.enter_context(ckpt.output_lock(out))
+        return _train(config, device, rank, world, out, resume_from, stop_after, progress,
+                      evaluate_before)
 
+
+def _train(config, device, rank, world, out, resume_from, stop_after, progress,
+           evaluate_before) -> FinetuneResult:
+    total = config.total_steps(world)
+    base_sha = ckpt.sha256_file(_base_model_file(config)) if _base_model_file(config).is_file() else None
+    saved, note = None, None
+    if resume_from is not None:  # verified and compared before the expensive part
+        folder, note = ckpt.find_checkpoint(resume_from)
+        if note and rank == 0:
+            print(f"qlora-ref: warning: {note}", file=sys.stderr, flush=True)
+        saved, saved_tensors = ckpt.read_checkpoint(folder)
+        check_resumable(saved, folder, config, total, world, base_sha)
+
+    torch.manual_seed(config.seed)
     model = build_model(config, device)
     train_pairs = training_set(config.task, config.train_size, config.seed)
     params = trainable_parameters(model)
@@ -323,9 +570,12 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     before = tasks.evaluate(model, config.task, n=config.eval_size, device=device) \
         if rank == 0 and evaluate_before else {}
 
-    step, history = 0, []
-    if resume_from is not None:
-        step, history = load_checkpoint(Path(resume_from), model, optimizer)
+    step, history, seconds_before = 0, [], 0.0
+    if saved is not None:
+        restore_checkpoint(folder, saved, saved_tensors, model, optimizer)
+        step, history = int(saved["step"]), [tuple(h) for h in saved["history"]]
+        seconds_before = float(saved.get("train_seconds", 0.0))
+    resumed_from = step
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -334,33 +584,63 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the frozen base is identical on every rank
 
-    total = config.total_steps(world)
+    root = out / "checkpoint" if out is not None else None
+    writer = rank == 0 and root is not None
+    last_saved = None
+    latest = ckpt.latest_checkpoint(root) if root is not None else None
+    if saved is not None and latest is not None and latest.is_dir() \
+            and latest.resolve() == folder.resolve():
+        last_saved = step  # resumed from this folder's own newest checkpoint: it is already on disk
+
+    def checkpoint(at_step, elapsed):
+        nonlocal last_saved
+        if not _all_finite(model):
+            raise TrainingDiverged(f"the weights are not finite at step {at_step}; stopped without "
+                                   f"saving. {last_good()}")
+        save_checkpoint(root, model, optimizer, at_step, history, config, elapsed, world, base_sha)
+        last_saved = at_step
+
+    def last_good() -> str:
+        latest = ckpt.latest_checkpoint(root) if root is not None else None
+        return (f"The last good checkpoint is {latest}." if latest is not None and latest.is_dir()
+                else "No checkpoint was written.")
+
     last = total if stop_after is None else min(total, stop_after)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = _progress(total, step, enabled=progress and rank == 0)
     started = time.perf_counter()
     model.train()
-    while step < last:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            idx = batch_indices(step, micro, config, rank, world)
-            x, y, mask = tasks.encode_pairs([train_pairs[i] for i in idx], model.config.block_size)
-            with _autocast(device):
-                _, loss = train_model(x.to(device), y.to(device), mask.to(device))
-            (loss / config.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / config.gradient_accumulation_steps
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        step += 1
-        history.append((step, step_loss))
-        bar(step, step_loss)
-        if rank == 0 and out is not None and config.save_steps and step % config.save_steps == 0:
-            save_checkpoint(out / "checkpoint", model, optimizer, step, history, config)
-    bar(None, None)
-    seconds = time.perf_counter() - started
+    try:
+        while step < last:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(config.gradient_accumulation_steps):
+                idx = batch_indices(step, micro, config, rank, world)
+                x, y, mask = tasks.encode_pairs([train_pairs[i] for i in idx], model.config.block_size)
+                with _autocast(device):
+                    _, loss = train_model(x.to(device), y.to(device), mask.to(device))
+                (loss / config.gradient_accumulation_steps).backward()
+                step_loss += loss.item() / config.gradient_accumulation_steps
+            norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm) \
+                if config.max_grad_norm else None
+            # stop before the update: a NaN/inf loss or gradient would poison every weight it touches
+            if not math.isfinite(step_loss) or (norm is not None and not bool(torch.isfinite(norm))):
+                what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
+                        else f"gradient norm became {norm.item()}")
+                raise TrainingDiverged(f"the training {what} at step {step + 1} (learning_rate="
+                                       f"{config.learning_rate}, lora_alpha={config.lora_alpha}); "
+                                       f"stopped before the update, nothing saved. {last_good()}")
+            optimizer.step()
+            step += 1
+            history.append((step, step_loss))
+            bar(step, step_loss)
+            ckpt.fault_point("step", step)  # test hook (no-op unless QLORA_REF_FAULT_AFTER=step@N)
+            if writer and config.save_steps and step % config.save_steps == 0:
+                checkpoint(step, seconds_before + time.perf_counter() - started)
+    finally:
+        bar(None, None)
+    seconds = seconds_before + time.perf_counter() - started
     model.eval()
 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -368,14 +648,23 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     result = FinetuneResult(config=config, before=before, after=after, history=history,
                             parameters=dataclasses.asdict(params) if dataclasses.is_dataclass(params)
                             else dict(params), seconds=seconds, steps=step, device=str(device),
-                            peak_memory_bytes=peak, output_dir=str(out) if out else None)
-    if rank == 0 and out is not None:
-        save_checkpoint(out / "checkpoint", model, optimizer, step, history, config)
-        if not config.full_finetune:
-            save_adapter(model, out / "adapter")
-        from .report import write_report
+                            peak_memory_bytes=peak, output_dir=str(out) if out else None,
+                            resumed_from_step=resumed_from)
+    if writer:
+        if last_saved != step:
+            checkpoint(step, seconds)
+        with ckpt.disk_full_guard("the adapter and report", out,
+                                  keep=f"the checkpoint {ckpt.latest_checkpoint(root)} is complete"):
+            if not config.full_finetune:
+                tmp = out / f".tmp-adapter-{os.getpid()}"
+                try:
+                    save_adapter(model, tmp)
+                    ckpt.replace_directory(tmp, out / "adapter")
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            from .report import write_report
 
-        write_report(result, out)
+            write_report(result, out)
     result.model = model  # for callers that keep working with it (not serialised)
     return result
 

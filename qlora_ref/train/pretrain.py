@@ -11,11 +11,16 @@ the command that made it and its accuracies.
 Everything is deterministic from ``seed`` on a given machine: torch's
 initialisation uses ``torch.manual_seed(seed)`` and batches come from
 ``numpy.random.default_rng(seed)``.
+
+The commands write to ``runs/pretrain/base_model.safetensors`` by default
+and refuse any path inside the installed package: a run never replaces the
+shipped model (copy a new one there by hand, on purpose).
 """
 
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +35,7 @@ from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_
 
 __all__ = [
     "default_config", "pretrain", "save_base_model", "load_base_model",
-    "default_base_model_path",
+    "default_base_model_path", "default_output_path", "check_output_path",
 ]
 
 _CONFIG_KEY = "gpt_config"  # safetensors metadata key holding GPTConfig as JSON
@@ -79,6 +84,12 @@ def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cp
     GPT
         The trained model, in eval mode, on ``device``.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     config = config or default_config()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -116,6 +127,35 @@ def default_base_model_path():
     return Path(__file__).resolve().parent.parent / "assets" / "base_model.safetensors"
 
 
+def default_output_path():
+    """Where ``qlora-ref pretrain`` writes by default: ``runs/pretrain/base_model.safetensors``."""
+    return Path("runs") / "pretrain" / "base_model.safetensors"
+
+
+def check_output_path(path):
+    """Refuse, before training, an output path the model cannot or must not be written to.
+
+    Raises ``ValueError`` (one line) for a path inside the installed package
+    (the shipped model is never overwritten by a run), a folder, or a parent
+    that is a file or not writable. Creates nothing.
+    """
+    path = Path(path)
+    package = Path(__file__).resolve().parent.parent
+    resolved = path.resolve()
+    if resolved == package or package in resolved.parents:
+        raise ValueError(f"refusing to write {path} inside the installed package ({package}); "
+                         "choose --output elsewhere (default runs/pretrain/base_model.safetensors)")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a .safetensors file path")
+    existing = resolved.parent  # the nearest folder that exists: it must be one, and writable
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {existing} is not writable")
+
+
 def save_base_model(model, path):
     """Write a GPT's weights and config to a safetensors file.
 
@@ -130,7 +170,15 @@ def save_base_model(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {_CONFIG_KEY: json.dumps(asdict(model.config)), "format": "pt"}
-    save_file(tensors, str(path), metadata=metadata)
+    # write, fsync, rename: a kill or a full disk leaves the old file whole, never a torn one
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_base_model(path=None, device="cpu"):
@@ -178,8 +226,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(default_base_model_path()))
+    p.add_argument("--out", default=str(default_output_path()),
+                   help="output .safetensors (default runs/pretrain/base_model.safetensors; "
+                        "never inside the package)")
     args = p.parse_args(argv)
+    check_output_path(args.out)
     t0 = time.perf_counter()
     model = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, device=args.device)

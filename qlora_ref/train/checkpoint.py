@@ -1,0 +1,508 @@
+r"""Training checkpoints that survive a kill, a full disk and a hostile file.
+
+A checkpoint is one folder, written next to the previous one and switched
+into place only when it is complete (the write-fsync-rename discipline of
+databases and of ``git``'s object store). Nothing in it is a pickle:
+tensors are safetensors, everything else JSON, so reading a checkpoint runs
+no code. The layout under a run's output folder::
+
+    OUTPUT_DIR/
+      .qlora-ref.lock                   flock'ed by the run writing here (see output_lock)
+      checkpoint/                       what --resume takes (OUTPUT_DIR works too)
+        LATEST                          "step-000010": the complete checkpoint to resume
+        step-000008/                    the previous complete one, kept as a fallback
+        step-000010/
+          training_state.safetensors    trainable weights, optimizer tensors, RNG states
+          trainer_state.json            step, loss history, config, optimizer index, seconds
+          adapter/                      the adapters in PEFT's layout (adapter_config.json,
+                                        adapter_model.safetensors)
+          manifest.json                 written last: the step, and bytes + sha256 of each file
+        .tmp-step-000012-<pid>/         being written; a later save deletes a leftover one
+
+Saving step ``s``: write every file into ``.tmp-step-s-<pid>`` and fsync it;
+write ``manifest.json`` last; rename the folder to ``step-s``; write
+``LATEST.tmp`` and rename it over ``LATEST`` (an atomic switch); then delete
+every folder but the new one and the one ``LATEST`` named before. A kill at
+any moment leaves ``LATEST`` naming a complete checkpoint (the old one or the
+new one), and the previous complete one on disk.
+
+Resuming verifies the manifest (every file present, its size and sha256,
+the step in ``trainer_state.json``). A folder that fails is refused with one
+line naming the file; given the ``checkpoint`` folder (not one ``step-``
+folder), resuming falls back to the newest other complete checkpoint and
+says so.
+
+Test hook (fault injection): ``QLORA_REF_FAULT_AFTER=POINT[:half][@STEP]``
+makes the writer SIGKILL its own process at ``POINT`` (only while saving step
+``STEP``, if given), so tests can kill a real run at a known place. POINT is
+a file of the checkpoint (``training_state.safetensors``,
+``trainer_state.json``, ``adapter/adapter_config.json``,
+``adapter/adapter_model.safetensors``, ``manifest.json``): killed right after
+that file is written into the temporary folder, or with ``:half`` after
+cutting it to half its length (a kill in the middle of the write); ``rename``:
+after the folder is renamed into place, before ``LATEST`` switches;
+``LATEST``: after ``LATEST.tmp`` is written; ``published``: after ``LATEST``
+switched, before old folders are deleted; ``step``: after optimizer step
+``STEP`` (see :mod:`qlora_ref.train.finetune`). Never set it outside tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable, Optional
+
+__all__ = [
+    "CheckpointError", "DiskFullError", "save_checkpoint", "find_checkpoint", "read_checkpoint",
+    "verify_checkpoint", "latest_checkpoint", "output_lock", "replace_directory",
+    "optimizer_state_to_tensors", "optimizer_state_from_tensors", "sha256_file", "fault_point",
+    "disk_full_guard", "LOCK_NAME", "FAULT_ENV",
+]
+
+STATE_TENSORS = "training_state.safetensors"
+TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+LOCK_NAME = ".qlora-ref.lock"
+FAULT_ENV = "QLORA_REF_FAULT_AFTER"
+FORMAT = "qlora_ref.checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is torn, modified, of another format, or from another configuration."""
+
+
+class DiskFullError(OSError):
+    """No space left on the device while writing outputs (the previous checkpoint is intact)."""
+
+
+# ----------------------------------------------------------------------------- test hook
+
+def fault_point(point: str, step: int, path: Optional[Path] = None) -> None:
+    """Test hook: SIGKILL this process if ``QLORA_REF_FAULT_AFTER`` names ``point`` (and ``step``).
+
+    ``path`` is the file just written; with ``:half`` it is first cut to half
+    its length, which is what a kill in the middle of writing it leaves.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, at_step = spec.partition("@")
+    target, _, mode = target.partition(":")
+    if target != point or (at_step and int(at_step) != step):
+        return
+    if mode == "half" and path is not None:
+        with open(path, "r+b") as f:
+            f.truncate(os.fstat(f.fileno()).st_size // 2)
+            f.flush()
+            os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- small file-system helpers
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a folder; the data is still written
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``data`` and fsync it; a short write is an error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # OSError from Python's own writes carries errno; safetensors' Rust writer only says it in words
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def disk_full_guard(what: str, where: Path, keep: str = ""):
+    """Turn "no space left on device" raised inside the block into one :class:`DiskFullError` line."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        free = _free_bytes(where)
+        error = DiskFullError(f"disk full: no space left on device while writing {what} in {where}"
+                              + (f" ({free:,} bytes free)" if free is not None else "")
+                              + (f"; {keep}" if keep else ""))
+        error.errno = errno.ENOSPC
+        raise error from None
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Move the complete folder ``new`` to ``final``, replacing what is there (the old one goes last)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        _rmtree(old)
+        os.rename(final, old)
+    os.rename(new, final)
+    _fsync_path(final.parent)
+    if old is not None:
+        _rmtree(old)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+@contextlib.contextmanager
+def output_lock(directory: Path):
+    """Hold an exclusive ``flock`` on ``DIRECTORY/.qlora-ref.lock`` while the block runs.
+
+    A second run into the same folder is refused with one line naming the
+    holder's pid. The kernel drops the lock when its holder exits, however it
+    exits, so a killed run never leaves a stale lock. (On a system without
+    ``fcntl`` there is no lock.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    directory = Path(directory)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RuntimeError(f"{directory} is in use by another qlora-ref run (pid {holder}); "
+                               "wait for it to finish or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+# ----------------------------------------------------------------------------- optimizer state as JSON
+
+def optimizer_state_to_tensors(state_dict: dict, prefix: str = "optimizer.") -> tuple[dict, dict]:
+    """Split ``optimizer.state_dict()`` into safetensors-ready tensors and a JSON index.
+
+    ``state[i][key]`` tensors become ``{prefix}{i}.{key}``; plain numbers,
+    strings and booleans stay in the index, as do ``param_groups``.
+    """
+    import torch
+
+    tensors, index = {}, {}
+    for pid, entries in state_dict["state"].items():
+        slot = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                name = f"{prefix}{pid}.{key}"
+                tensors[name] = value.detach().to("cpu").contiguous()
+                slot[key] = {"tensor": name}
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                slot[key] = {"value": value}
+            else:
+                raise TypeError(f"optimizer state {key!r} is a {type(value).__name__}; only tensors "
+                                "and plain numbers can be checkpointed")
+        index[str(pid)] = slot
+    groups = json.loads(json.dumps(state_dict["param_groups"]))  # tuples -> lists; raises on others
+    return tensors, {"state": index, "param_groups": groups}
+
+
+def optimizer_state_from_tensors(index: dict, tensors: dict, template: dict) -> dict:
+    """Rebuild a ``state_dict`` from :func:`optimizer_state_to_tensors`' output.
+
+    ``template`` is the receiving optimizer's own ``state_dict()``: where its
+    param groups hold a tuple (``betas``), the list read from JSON becomes a tuple.
+    """
+    state = {}
+    for pid, slot in index["state"].items():
+        state[int(pid)] = {key: tensors[v["tensor"]] if "tensor" in v else v["value"]
+                           for key, v in slot.items()}
+    groups = []
+    for saved, mine in zip(index["param_groups"], template["param_groups"]):
+        groups.append({k: tuple(v) if isinstance(mine.get(k), tuple) and isinstance(v, list) else v
+                       for k, v in saved.items()})
+    if len(groups) != len(template["param_groups"]):
+        raise CheckpointError(f"the checkpoint has {len(index['param_groups'])} optimizer parameter "
+                              f"groups, this optimizer {len(template['param_groups'])}")
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _read_latest(root: Path) -> Optional[str]:
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _STEP_DIR.match(name) else None
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
+                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a complete checkpoint of ``step`` under ``root`` and switch ``LATEST`` to it.
+
+    Parameters
+    ----------
+    root : path
+        The ``checkpoint`` folder (created if needed).
+    step : int
+    tensors : dict of str to torch.Tensor
+        Everything numeric: trainable weights, optimizer moments, RNG states.
+    trainer_state : dict
+        JSON-serialisable; ``step`` is added.
+    write_extra : callable, optional
+        ``write_extra(folder)`` writes more files (the PEFT adapter) into the new folder.
+
+    Returns
+    -------
+    pathlib.Path
+        The new ``step-NNNNNN`` folder.
+
+    Raises
+    ------
+    DiskFullError
+        When the device is full; the partial folder is deleted and the previous checkpoint kept.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = _step_name(step)
+    previous = _read_latest(root)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    keep = (f"the previous checkpoint {root / previous} is intact" if previous
+            else "no earlier checkpoint exists")
+    try:
+        with disk_full_guard(f"checkpoint {name}", root, keep):
+            _rmtree(tmp)
+            tmp.mkdir()
+            files = []
+
+            def add(rel: str, data: bytes) -> None:
+                _write_bytes(tmp / rel, data)
+                files.append(rel)
+                fault_point(rel, step, tmp / rel)
+
+            add(STATE_TENSORS, safetensors_bytes(tensors, metadata={"format": "pt"}))
+            add(TRAINER_STATE, json.dumps({"format": FORMAT, "version": VERSION, **trainer_state,
+                                           "step": step}, indent=1).encode())
+            if write_extra is not None:
+                write_extra(tmp)
+                extra = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                               if p.is_file() and str(p.relative_to(tmp)) not in files)
+                for rel in extra:
+                    _fsync_path(tmp / rel)
+                    files.append(rel)
+                    fault_point(rel, step, tmp / rel)
+                for sub in {p.parent for p in tmp.rglob("*") if p.is_file()}:
+                    _fsync_path(sub)
+            manifest = {"format": FORMAT + ".manifest", "version": VERSION, "step": step,
+                        "files": {rel: {"bytes": (tmp / rel).stat().st_size,
+                                        "sha256": sha256_file(tmp / rel)} for rel in files}}
+            add(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the folder is complete
+            _fsync_path(tmp)
+
+            final = root / name
+            replace_directory(tmp, final)  # a folder of this step left by a killed run is replaced
+            fault_point("rename", step)
+            pointer = root / (LATEST + ".tmp")
+            pointer.unlink(missing_ok=True)  # left by a writer killed here before
+            _write_bytes(pointer, (name + "\n").encode())
+            fault_point(LATEST, step, pointer)
+            os.replace(pointer, root / LATEST)  # the atomic switch
+            _fsync_path(root)
+            fault_point("published", step)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    # keep the new checkpoint and the one before it; delete leftovers of killed writers
+    for entry in root.iterdir():
+        if entry.name in (name, previous, LATEST):
+            continue
+        if entry.is_dir() and (_STEP_DIR.match(entry.name) or entry.name.startswith((".tmp-", ".old-"))):
+            _rmtree(entry)
+    return final
+
+
+# ----------------------------------------------------------------------------- reading
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Check a ``step-`` folder against its manifest; return the manifest.
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the first file that is missing, torn or changed.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (torn)")
+    try:
+        manifest = json.loads(path.read_bytes())
+        files, step = manifest["files"], int(manifest["step"])
+        if manifest.get("format") != FORMAT + ".manifest" or not isinstance(files, dict):
+            raise KeyError("format")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a qlora_ref checkpoint manifest ({exc})") from None
+    for rel, entry in files.items():
+        file = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path} names a file outside the checkpoint: {rel!r}")
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete (torn)")
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{file} is torn or modified: {size} bytes, the manifest says "
+                                  f"{entry.get('bytes')}")
+        if sha256_file(file) != entry.get("sha256"):
+            raise CheckpointError(f"{file} is torn or modified: its sha256 differs from the manifest's")
+    for required in (STATE_TENSORS, TRAINER_STATE):
+        if required not in files:
+            raise CheckpointError(f"{path} does not list {required}")
+    return {**manifest, "step": step}
+
+
+def _step_folders(root: Path) -> list:
+    found = []
+    for entry in root.iterdir() if root.is_dir() else []:
+        m = _STEP_DIR.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _is_root(path: Path) -> bool:
+    """Whether ``path`` is a ``checkpoint`` folder: it has ``LATEST`` or a ``step-`` folder."""
+    return (path / LATEST).exists() or bool(_step_folders(path))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The folder ``root/LATEST`` names, or None."""
+    name = _read_latest(Path(root))
+    return Path(root) / name if name else None
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Optional[str]]:
+    """Resolve what ``--resume`` was given to one verified ``step-`` folder.
+
+    ``path`` may be a ``step-`` folder (used as it is, or refused), the
+    ``checkpoint`` folder, or the run's output folder.
+
+    Returns
+    -------
+    (folder, note)
+        ``note`` is None, or one line saying that a fallback was taken and why.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
+        verify_checkpoint(path)  # asked for by name: this one or none
+        return path, None
+    if not _is_root(path) and (path / "checkpoint").is_dir():
+        path = path / "checkpoint"  # the run's output folder
+    if not _is_root(path):
+        if (path / "training_state.pt").is_file():
+            raise CheckpointError(
+                f"{path / 'training_state.pt'} is an old-format checkpoint (a pickle, which qlora_ref "
+                "no longer loads because unpickling can run code); start a new run")
+        raise FileNotFoundError(f"no checkpoint in {path} (no {LATEST} file and no step-* folder)")
+    candidates = _step_folders(path)
+    named = latest_checkpoint(path)
+    problem = None
+    if named is not None:
+        try:
+            verify_checkpoint(named)
+            return named, None
+        except CheckpointError as exc:
+            problem = str(exc)
+    else:
+        problem = f"{path / LATEST} is missing or unreadable"
+    for folder in candidates:
+        if named is not None and folder == named:
+            continue
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError:
+            continue
+        return folder, f"{problem}; resuming from the previous complete checkpoint {folder}"
+    raise CheckpointError(problem + "; no other complete checkpoint in " + str(path))
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """Load a verified checkpoint folder: (trainer state from JSON, tensors from safetensors).
+
+    Neither format can carry code: a crafted file is refused, never run.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = verify_checkpoint(folder)
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_bytes())
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("not a qlora_ref trainer state")
+        if int(state["step"]) != manifest["step"]:
+            raise CheckpointError(f"{folder / TRAINER_STATE} says step {state['step']}, the manifest "
+                                  f"step {manifest['step']}: the checkpoint is inconsistent")
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / TRAINER_STATE} is not readable: {exc}") from None
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / STATE_TENSORS} is not a readable safetensors file: "
+                              f"{exc}") from None
+    return state, tensors
