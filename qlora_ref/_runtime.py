@@ -34,19 +34,24 @@ the kernels run on one thread (:func:`single_threaded`, read by
 no one to wait for. ``OMP_WAIT_POLICY=passive`` is still set, for child
 processes. Import ``qlora_ref`` before torch to keep both cores.
 
-Measured (tiny GPT, the ``qlora-ref finetune`` job, 2-core VM shared with
-other jobs, two busy processes added; training steps per second; load
-average 4-8, other runs in ``docs/benchmarks.md``)::
+Measured (the tiny GPT's ``finetune`` job, training steps per second, on
+the 2-core VM with two busy processes added and other jobs running, load
+average 3-8; more in ``docs/benchmarks.md``, "Under contention")::
 
-    libgomp default (spins)                        0.14 - 0.5
-    OMP_WAIT_POLICY=passive (the choice)           3.1 - 5.5
-    OMP_NUM_THREADS=1                              3.6 - 4.2
-    torch first, then this fallback (1 thread)     3.0
+    libgomp default (spins)                         0.14 - 0.5
+    OMP_WAIT_POLICY=passive, all cores (chosen)     3.1 - 5.5
+    OMP_NUM_THREADS=1                               3.6 - 4.2
+    torch imported first, then the fallback         3.0 - 4.4
+
+Alternating torch's thread count inside one passive process (so that the
+load hits both alike): 4.8 steps/s on two threads against 4.2 on one
+under the two busy processes; without them, 9.4 against 12.3.
 
 The cost: on a quiet machine spinning wins on many tiny regions (14.9
-against 7.9 steps/s in one quiet moment); waiting passively costs a
-futex wake-up per region. A reference package meant to be run on laptops
-and shared machines takes the policy that never collapses.
+against 7.9 steps/s in one quiet moment), and one thread beats two; each
+passive region pays a futex wake-up. But spinning collapses by 10-30x as
+soon as the cores are shared, and a reference package is run on laptops
+and shared machines: it takes the policy that never collapses.
 """
 from __future__ import annotations
 

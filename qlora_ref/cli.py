@@ -127,15 +127,9 @@ def _compare(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from .train.pretrain import check_output_path, default_output_path, pretrain, save_base_model
+    from .train.pretrain import run  # also python -m qlora_ref.train.pretrain
 
-    path = args.output or default_output_path()
-    check_output_path(path)  # before training; never inside the installed package
-    model = pretrain(steps=args.steps, seed=args.seed, device=args.device or "cpu",
-                     progress=not args.quiet)
-    save_base_model(model, path)
-    print(f"saved the base model to {path}")
-    return 0
+    return run(args)
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -311,7 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", parents=[common], help="pretrain the tiny base GPT (the "
                        "shipped model is this command's output with the defaults)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    # the defaults are the settings that made the shipped file (qlora_ref/assets/README.md)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; the "
+                   "result depends on it)")
+    p.add_argument("--isa", choices=["avx2", "native"], default="avx2", help="CPU kernels of "
+                   "torch and oneDNN (default avx2, which made the shipped file; the result "
+                   "depends on it)")
     p.add_argument("--output", help="output .safetensors (default runs/pretrain/base_model"
                    ".safetensors; a path inside the package is refused)")
     p.set_defaults(func=_pretrain)

@@ -26,7 +26,7 @@ from .double_quant import NESTED_BLOCKSIZE, double_dequantize, double_quantize
 from .quant_state import QuantState
 from .validation import as_float32_flat, check_blocksize, check_num_threads, check_quant_type
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "dequantize_absmax"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "dequantize_absmax", "run_dequantize_kernel"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,6 +190,27 @@ def dequantize_absmax(state: QuantState) -> np.ndarray:
                              state.nested_blocksize, state.nested_code)
 
 
+def run_dequantize_kernel(state, out: np.ndarray, num_threads: int) -> None:
+    """Call the Cython kernel that dequantizes ``state`` into ``out``; nothing is checked here.
+
+    ``state`` is anything with the fields of a :class:`QuantState` (NumPy
+    arrays, or zero-copy views of CPU tensors); ``out`` is float32, or uint16
+    for bfloat16 bits, of ``n`` elements. The caller has validated both
+    (:func:`dequantize_4bit` does, and :class:`qlora_ref.nn.Linear4bit` once
+    per change of its buffers); the kernel still checks every length.
+    """
+    bf16 = out.dtype == np.uint16
+    if state.nested_absmax is not None:
+        kernel = (kernels().dequantize_4bit_packed_nested_bf16 if bf16
+                  else kernels().dequantize_4bit_packed_nested)
+        kernel(state.packed, state.absmax, state.nested_absmax, state.nested_code,
+               float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
+               num_threads)
+    else:
+        kernel = kernels().dequantize_4bit_packed_bf16 if bf16 else kernels().dequantize_4bit_packed
+        kernel(state.packed, state.absmax, state.code, state.blocksize, out, num_threads)
+
+
 def dequantize_4bit(state: QuantState, dtype=None, backend: str | None = None,
                     num_threads: int | None = None) -> np.ndarray:
     r"""Turn a :class:`QuantState` back into numbers: :math:`\hat w_i = \text{code}[q_i]\, c_b`.
@@ -240,19 +261,8 @@ def dequantize_4bit(state: QuantState, dtype=None, backend: str | None = None,
     else:
         # bfloat16: the kernel rounds the float32 product itself (the bits torch's
         # .to(torch.bfloat16) gives) and writes them as uint16: half the bytes
-        bf16 = target == "bfloat16"
-        out = np.empty(n, dtype=np.uint16 if bf16 else np.float32)
-        threads = _threads(num_threads, n)
-        if state.double_quant:
-            kernel = (kernels().dequantize_4bit_packed_nested_bf16 if bf16
-                      else kernels().dequantize_4bit_packed_nested)
-            kernel(state.packed, state.absmax, state.nested_absmax, state.nested_code,
-                   float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
-                   threads)
-        else:
-            kernel = (kernels().dequantize_4bit_packed_bf16 if bf16
-                      else kernels().dequantize_4bit_packed)
-            kernel(state.packed, state.absmax, state.code, state.blocksize, out, threads)
+        out = np.empty(n, dtype=np.uint16 if target == "bfloat16" else np.float32)
+        run_dequantize_kernel(state, out, _threads(num_threads, n))
     out = out.reshape(state.shape)
     if target == "bfloat16":
         return out                                                          # uint16 bit patterns

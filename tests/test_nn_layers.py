@@ -266,3 +266,58 @@ def test_bad_input_is_a_value_error_naming_layer_and_shapes():
         layer(torch.ones(2, 48, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"Linear4bit\(in_features=48.*shape \(3,\)"):
         layer.base_layer(torch.randn(3))
+
+
+# -- the forward path: short, and validated once --------------------------------------
+
+def _lora_layer_4bit():
+    torch.manual_seed(0)
+    return qlora_ref.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 32)), r=4)[0]
+
+
+@pytest.mark.skipif(not qlora_ref.cython_available(), reason="the Cython extension is not built")
+def test_a_forward_reaches_the_kernel_in_at_most_four_hops():
+    """LoRALinear.forward -> QLoRAMatmul.forward -> Linear4bit.dequantize -> run_dequantize_kernel -> kernel."""
+    import sys
+    layer, x, chains = _lora_layer_4bit(), torch.randn(2, 64), []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "run_dequantize_kernel":
+            names, f = [], frame                  # run_dequantize_kernel calls the kernel itself
+            while f is not None and f.f_code.co_qualname != "LoRALinear.forward":
+                if "qlora_ref" in f.f_code.co_filename:
+                    names.append(f.f_code.co_qualname)
+                f = f.f_back
+            chains.append(names[::-1])
+
+    sys.setprofile(profile)
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        sys.setprofile(None)
+    assert chains, "the forward did not reach the Cython kernel's caller"
+    hops = len(chains[0]) + 1  # the qlora_ref functions between the layer and the kernel, + the call
+    assert hops <= 4, f"{hops} hops from LoRALinear.forward to the kernel: {chains[0]}"
+
+
+def test_the_base_is_checked_once_and_again_after_any_change(monkeypatch):
+    from qlora_ref.nn import linear4bit
+    layer = _lora_layer_4bit()
+    base, calls = layer.base_layer, []
+    real = linear4bit.check_quant_tensors
+    monkeypatch.setattr(linear4bit, "check_quant_tensors", lambda t: calls.append(1) or real(t))
+    x = torch.randn(3, 64, requires_grad=True)
+    for _ in range(3):
+        layer(x).sum().backward()             # forward and backward both dequantize
+    assert len(calls) == 1, f"checked {len(calls)} times for 3 steps"
+    base.absmax.add_(0)                        # any in-place write counts as a change
+    layer(x)
+    assert len(calls) == 2
+    with torch.no_grad():
+        base.nested_absmax[0] = float("nan")   # a bad value written in place is caught
+    with pytest.raises(ValueError, match="nested_absmax"):
+        layer(x)
+    base.load_state_dict(_lora_layer_4bit().base_layer.state_dict())
+    layer(x)                                   # reloaded: checked again, and valid
+    assert len(calls) == 4

@@ -236,17 +236,20 @@ def pattern_matcher(key: str):
     return lambda name: compiled.match(name) is not None
 
 
-def check_regex_cost(pattern: str, what: str = "pattern") -> None:
+def check_regex_cost(pattern: str, what: str = "pattern",
+                     max_length: int | None = MAX_PATTERN_LENGTH) -> None:
     """Raise ``ValueError`` unless ``pattern`` is a regex whose matching cost is bounded.
 
     The rules of :func:`pattern_matcher`: it parses on its own, has at most
-    :data:`MAX_PATTERN_LENGTH` characters and :data:`MAX_PATTERN_REPEATS`
-    repetitions, and nests no repetition or alternation inside a repetition
-    and no back-reference. ``what`` names the field in the message.
+    ``max_length`` characters (None: any length, e.g. an alternation of
+    many module names, as PEFT builds for ``target_modules``) and
+    :data:`MAX_PATTERN_REPEATS` repetitions, and nests no repetition or
+    alternation inside a repetition and no back-reference. ``what`` names
+    the field in the message.
     """
-    if len(pattern) > MAX_PATTERN_LENGTH:
+    if max_length is not None and len(pattern) > max_length:
         raise ValueError(f"{what} {pattern[:40]!r}... has {len(pattern)} characters; at most "
-                         f"{MAX_PATTERN_LENGTH} are run as a regular expression")
+                         f"{max_length} are run as a regular expression")
     try:
         parsed = _sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as exc:

@@ -119,7 +119,8 @@ class QLoRAMatmul(torch.autograd.Function):
     def forward(ctx, x, base, bias, lora_A, lora_B, scaling, mask, dropout_p):
         ctx.base, ctx.scaling, ctx.dropout_p = base, float(scaling), float(dropout_p)
         ctx.has_lora = lora_A is not None
-        weight = frozen_weight(base, x.dtype)                 # (out, in), freed on return
+        dequantize = getattr(base, "dequantize", None)        # a quantized base, or nn.Linear
+        weight = dequantize(x.dtype) if dequantize else base.weight.detach().to(x.dtype)  # (out, in)
         out = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # (..., out)
         if ctx.has_lora:
             h = F.linear(_apply_dropout(x, mask, dropout_p), lora_A.to(x.dtype))  # (..., r)

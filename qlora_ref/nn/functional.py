@@ -198,7 +198,7 @@ def _dequantize_4bit_pure_torch(t: Mapping) -> torch.Tensor:
 
 
 def dequantize_4bit_torch(state: StateLike, dtype: torch.dtype = torch.float32, device=None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, validate: bool = True) -> torch.Tensor:
     r"""Dequantize 4-bit weights to a torch tensor of the compute dtype.
 
     .. math::
@@ -221,6 +221,10 @@ def dequantize_4bit_torch(state: StateLike, dtype: torch.dtype = torch.float32, 
         Where to compute; default: where the tensors are (CPU for a QuantState).
     backend : {"torch", "cython", "numpy"} or None
         See :func:`resolve_torch_backend`.
+    validate : bool
+        Check the state first (:func:`check_quant_tensors`). Only a caller
+        that has checked these very tensors already passes False
+        (:class:`~qlora_ref.nn.Linear4bit` does); the CPU paths always check.
 
     Returns
     -------
@@ -239,7 +243,8 @@ def dequantize_4bit_torch(state: StateLike, dtype: torch.dtype = torch.float32, 
     t = _as_tensors(state, device)
     path = resolve_torch_backend(backend, t["packed"].device)
     if path == "torch":
-        check_quant_tensors(t)
+        if validate:
+            check_quant_tensors(t)
         out = _dequantize_4bit_pure_torch(t)
     else:  # the core's kernel (Cython) or reference (NumPy), on zero-copy views
         state = to_quant_state(t)

@@ -27,12 +27,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from types import SimpleNamespace
+
+from ..backend import default_num_threads
 from ..codebooks import code_for, dynamic_code
 from ..double_quant import NESTED_BLOCKSIZE
-from ..fourbit import quantize_4bit
+from ..fourbit import quantize_4bit, run_dequantize_kernel
 from ..quant_state import QuantState
 from ..validation import check_blocksize, check_quant_type
-from .functional import dequantize_4bit_torch, quant_state_tensors
+from .functional import (check_quant_tensors, dequantize_4bit_torch, quant_state_tensors,
+                         resolve_torch_backend)
 from .quantized import QuantizedLinear, as_torch_dtype
 
 __all__ = ["Linear4bit"]
@@ -79,6 +83,7 @@ class Linear4bit(QuantizedLinear):
         self.quant_type = check_quant_type(quant_type)
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = bool(double_quant)
+        self._validated = None  # the buffers' identity when last checked (see dequantize)
         n = self.weight_numel
         n_blocks = -(-n // self.blocksize)
         zeros = lambda size, dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
@@ -161,9 +166,45 @@ class Linear4bit(QuantizedLinear):
                           offset=None if offset is None else np.float32(offset))
 
     def dequantize(self, dtype=None, backend: str | None = None) -> torch.Tensor:
-        r"""The weight :math:`\operatorname{doubleDequant}(c_1, c_2, \mathbf W^{\text{NF4}})`, ``(out, in)``."""
+        r"""The weight :math:`\operatorname{doubleDequant}(c_1, c_2, \mathbf W^{\text{NF4}})`, ``(out, in)``.
+
+        On CPU with the extension built, the Cython kernel writes straight into
+        the returned tensor; elsewhere the readable twins run (pure torch on
+        any device, or the NumPy reference with ``backend="numpy"``).
+
+        Note (validated once): the buffers are checked
+        (:func:`~qlora_ref.nn.functional.check_quant_tensors`) the first time
+        and again only after they change (loaded, moved or written to: torch
+        counts every in-place write), not on every forward and backward.
+        """
         dtype = self.weight_dtype if dtype is None else as_torch_dtype(dtype)
-        return dequantize_4bit_torch(self.quant_tensors(), dtype=dtype, backend=backend)
+        self._validate_if_changed()
+        path = resolve_torch_backend(backend, self.packed.device)
+        if path != "cython":
+            return dequantize_4bit_torch(self.quant_tensors(), dtype=dtype, backend=path,
+                                         validate=False)
+        bf16 = dtype == torch.bfloat16  # the kernel rounds to bfloat16 itself (as uint16 bits)
+        out = torch.empty(self.out_features, self.in_features,
+                          dtype=torch.int16 if bf16 else torch.float32)  # (out, in)
+        flat = out.numpy().reshape(-1)                                    # zero-copy view
+        run_dequantize_kernel(self._numpy_views(), flat.view(np.uint16) if bf16 else flat,
+                              default_num_threads(flat.size))
+        return out.view(torch.bfloat16) if bf16 else out.to(dtype)
+
+    def _numpy_views(self) -> SimpleNamespace:
+        """The CPU buffers as zero-copy NumPy arrays, under :class:`~qlora_ref.QuantState`'s names."""
+        views = {name: None if getattr(self, name) is None else getattr(self, name).numpy()
+                 for name in ("packed", "absmax", "code", "nested_absmax", "nested_code")}
+        return SimpleNamespace(**views, blocksize=self.blocksize, nested_blocksize=NESTED_BLOCKSIZE,
+                               offset=None if self.offset is None else float(self.offset))
+
+    def _validate_if_changed(self) -> None:
+        buffers = (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,
+                   self.offset)
+        key = tuple((b.device, b.data_ptr(), b._version) for b in buffers if b is not None)
+        if key != self._validated:
+            check_quant_tensors(self.quant_tensors())
+            self._validated = key
 
     def quant_config(self) -> dict:
         return {"quant_type": self.quant_type, "blocksize": self.blocksize,

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autograd import dropout_mask, frozen_weight, qlora_linear
+from .autograd import QLoRAMatmul, dropout_mask, frozen_weight
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 from .quantized import QuantizedLinear, check_linear_input
@@ -232,8 +232,9 @@ class LoRALinear(nn.Module):
         compute_dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
         xc = x.to(compute_dtype)
         p = self.lora_dropout if self.training else 0.0
-        out = qlora_linear(xc, self.base_layer, self.base_layer.bias, self.lora_A, self.lora_B,
-                           self.scaling, dropout_mask(xc, p), p)
+        # shapes are the layer's own (checked when it was built): straight to the function
+        out = QLoRAMatmul.apply(xc, self.base_layer, self.base_layer.bias, self.lora_A,
+                                self.lora_B, self.scaling, dropout_mask(xc, p), p)
         return out.to(x.dtype)
 
     def _merged_forward(self, x):

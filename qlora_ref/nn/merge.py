@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .lora import LoRALinear
+from .model import replace_module
 from .quantized import QuantizedLinear, as_torch_dtype
 
 __all__ = ["MERGE_STRATEGIES", "merged_weight", "merge_lora", "merge_and_unload", "MergeError",
@@ -131,11 +132,7 @@ def merge_and_unload(model: nn.Module, strategy: str = "dequant", original=None,
         if strategy == "original" and name not in weights:
             raise ValueError(f"strategy 'original' needs the original weight of {module.label()}; "
                              f"none given for '{name}'")
-        merged = merge_lora(module, strategy, weights.get(name), dtype)
-        if not name:
-            return merged
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, merged)
+        model = replace_module(model, name, merge_lora(module, strategy, weights.get(name), dtype))
     return model
 
 

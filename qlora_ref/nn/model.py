@@ -61,7 +61,7 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
     if isinstance(target_modules, str):
         from .adapters import check_regex_cost  # (adapters imports this module)
 
-        check_regex_cost(target_modules, "target_modules")  # a crafted regex must not hang
+        check_regex_cost(target_modules, "target_modules", max_length=None)  # must not hang
         chosen = [name for name in linear if re.fullmatch(target_modules, name)]
         if not chosen:
             raise ValueError(f"target_modules regex {target_modules!r} matches no nn.Linear; "
@@ -164,10 +164,16 @@ def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dro
                                        compute_dtype=compute_dtype, loftq_iters=loftq_iters,
                                        **config)
         layer.name = layer.base_layer.name = name
-        if not name:
-            return layer
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, layer)
+        model = replace_module(model, name, layer)
+    return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` is; return the model (``new`` itself if ``name`` is "")."""
+    if not name:  # the model is the layer
+        return new
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
     return model
 
 

@@ -8,19 +8,28 @@ such model ships with the package (``qlora_ref/assets/base_model.safetensors``)
 so fine-tuning never needs this step; see ``qlora_ref/assets/README.md`` for
 the command that made it and its accuracies.
 
-Everything is deterministic from ``seed`` on a given machine: torch's
-initialisation uses ``torch.manual_seed(seed)`` and batches come from
-``numpy.random.default_rng(seed)``.
+Everything is deterministic from ``seed`` and the number of torch CPU
+threads: torch's initialisation uses ``torch.manual_seed(seed)``, batches
+come from ``numpy.random.default_rng(seed)``, and the thread count changes
+how float32 sums are split (1 and 2 threads differ in the last bit after a
+few steps). The command fixes 2 threads, the setting that made the shipped
+file.
+
+One command, two spellings with the same flags and defaults:
+``qlora-ref pretrain`` and ``python -m qlora_ref.train.pretrain`` (which
+runs the first). With no flags it rebuilds the shipped model: seed 0,
+2000 steps, batch 64, lr 2e-3, 2 threads, AVX2 kernels (``--isa avx2``:
+torch's and oneDNN's AVX-512 kernels round differently), on the CPU.
 
 The commands write to ``runs/pretrain/base_model.safetensors`` by default
 and refuse any path inside the installed package: a run never replaces the
 shipped model (copy a new one there by hand, on purpose).
 """
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +44,7 @@ from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_
 
 __all__ = [
     "default_config", "pretrain", "save_base_model", "load_base_model",
-    "default_base_model_path", "default_output_path", "check_output_path",
+    "default_base_model_path", "default_output_path", "check_output_path", "run",
 ]
 
 _CONFIG_KEY = "gpt_config"  # safetensors metadata key holding GPTConfig as JSON
@@ -55,7 +64,7 @@ def _lr_at(step, steps, lr, warmup):
 
 
 def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cpu",
-             progress=True, task="pretrain", weight_decay=0.01, warmup=100):
+             progress=True, task="pretrain", weight_decay=0.01, warmup=100, num_threads=None):
     """Train a GPT from scratch on a task (by default the PRETRAIN mixture).
 
     Parameters
@@ -78,6 +87,10 @@ def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cp
     weight_decay : float, default 0.01
     warmup : int, default 100
         Warm-up steps.
+    num_threads : int, optional
+        torch CPU threads for the run (restored afterwards); default: leave
+        them as they are. The result depends on it: the shipped model was
+        made with 2 (``qlora-ref pretrain`` passes ``--threads 2``).
 
     Returns
     -------
@@ -90,7 +103,21 @@ def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cp
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
     config = config or default_config()
+    if num_threads is None:
+        return _train(config, steps, batch_size, lr, seed, device, progress, task, weight_decay, warmup)
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _train(config, steps, batch_size, lr, seed, device, progress, task, weight_decay, warmup)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config, steps, batch_size, lr, seed, device, progress, task, weight_decay, warmup):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = GPT(config).to(device)
@@ -220,24 +247,53 @@ def load_base_model(path=None, device="cpu"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the tiny base GPT and save it.")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(default_output_path()),
-                   help="output .safetensors (default runs/pretrain/base_model.safetensors; "
-                        "never inside the package)")
-    args = p.parse_args(argv)
-    check_output_path(args.out)
+    """``python -m qlora_ref.train.pretrain [ARGS]``: the same command as ``qlora-ref pretrain [ARGS]``.
+
+    One parser (:func:`qlora_ref.cli.build_parser`), so the flags and their
+    defaults cannot drift apart: ``--steps 2000 --batch-size 64 --lr 2e-3
+    --seed 0 --threads 2 --isa avx2 --device cpu --output runs/pretrain/base_model.safetensors``.
+    """
+    from ..cli import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+
+
+#: Environment read once per process, at the first CPU op, by ATen (its vectorised kernels)
+#: and oneDNN; AVX-512 and AVX2 kernels round differently. The shipped file was made with AVX2.
+_AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def run(args):
+    """Run the ``pretrain`` command from parsed arguments; return the exit status (0)."""
+    path = args.output or default_output_path()
+    check_output_path(path)  # before training; never inside the installed package
+    saved = {k: os.environ.get(k) for k in _AVX2_ENV}
+    if getattr(args, "isa", "native") == "avx2":
+        for k, v in _AVX2_ENV.items():
+            os.environ.setdefault(k, v)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability != "AVX2":
+            print(f"warning: torch's CPU kernels are {capability}, not AVX2 (torch ran an op in "
+                  "this process before, or the CPU lacks AVX2): the result will not be "
+                  "bit-identical to the shipped file", file=sys.stderr)
     t0 = time.perf_counter()
-    model = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed, device=args.device)
-    print(f"total {time.perf_counter() - t0:.1f}s")
-    save_base_model(model, args.out)
-    print(f"saved {args.out}")
+    try:
+        model = pretrain(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device or "cpu", progress=not args.quiet,
+                         num_threads=args.threads)
+    finally:  # the process's environment as it was (child processes of a caller inherit it)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not args.quiet:
+        print(f"total {time.perf_counter() - t0:.1f}s")
+    save_base_model(model, path)
+    print(f"saved the base model to {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
