@@ -63,6 +63,19 @@ def _lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def _check_arguments(steps, batch_size, lr, num_threads) -> None:
+    """``ValueError`` naming the first bad argument of :func:`pretrain`."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+
+
 def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cpu",
              progress=True, task="pretrain", weight_decay=0.01, warmup=100, num_threads=None):
     """Train a GPT from scratch on a task (by default the PRETRAIN mixture).
@@ -97,15 +110,7 @@ def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cp
     GPT
         The trained model, in eval mode, on ``device``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    _check_arguments(steps, batch_size, lr, num_threads)
     config = config or default_config()
     if num_threads is None:
         return _train(config, steps, batch_size, lr, seed, device, progress, task, weight_decay, warmup)
@@ -268,6 +273,7 @@ def run(args):
     """Run the ``pretrain`` command from parsed arguments; return the exit status (0)."""
     path = args.output or default_output_path()
     check_output_path(path)  # before training; never inside the installed package
+    _check_arguments(args.steps, args.batch_size, args.lr, args.threads)  # before any warning
     saved = {k: os.environ.get(k) for k in _AVX2_ENV}
     if getattr(args, "isa", "native") == "avx2":
         for k, v in _AVX2_ENV.items():
