@@ -84,9 +84,8 @@ def _finetune_config(args):
         overrides["target_modules"] = (args.target_modules[0] if args.target_modules == ["all-linear"]
                                        else args.target_modules)
     if args.config:
-        # main() fills a missing --seed with 0, so 0 here may be the default: then the
-        # file's seed (if it has one) wins; any other --seed overrides it
-        if overrides["seed"] == 0:
+        # an explicit --seed (0 included) overrides the file's seed; main()'s default does not
+        if not getattr(args, "seed_given", True):
             overrides["seed"] = None
         return load_config(args.config[0], args.config[1], **overrides)
     return FinetuneConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -241,6 +240,16 @@ def _bench(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``qlora-ref finetune: error: ...``) and status 2.
+
+    ``--help`` still prints the full usage; the sub-command parsers are of this class too.
+    """
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -248,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     common.add_argument("--quiet", action="store_true", help="print only the results")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qlora-ref", description="QLoRA, readable and exact: NF4 storage, LoRA on a "
         "4-bit base, and a tiny GPT to fine-tune. Run a COMMAND with --help for its options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -348,14 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on what was given: ``--seed`` is 0 unless given.
+
+    ``args.seed_given`` records whether it was: an explicit ``--seed`` (0 too)
+    overrides a config file's seed, the default does not.
+    """
+    args.seed_given = getattr(args, "seed", None) is not None
+    if not args.seed_given:
+        args.seed = 0
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["info", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "seed", None) is None:
-        args.seed = 0
+    args = apply_defaults(parser.parse_args(argv))
     if getattr(args, "device", None) == "cuda":
         import torch
 

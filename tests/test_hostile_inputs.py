@@ -455,17 +455,16 @@ def test_the_shipped_named_configs_pass_the_schema():
 
 def parsed_finetune_config(*argv):
     """The FinetuneConfig ``qlora-ref finetune ARGV`` would run (main's --seed default applied)."""
-    from qlora_ref.cli import _finetune_config, build_parser
+    from qlora_ref.cli import _finetune_config, apply_defaults, build_parser
 
-    args = build_parser().parse_args(["finetune", *argv])
-    args.seed = 0 if args.seed is None else args.seed  # as main() does
-    return _finetune_config(args)
+    return _finetune_config(apply_defaults(build_parser().parse_args(["finetune", *argv])))
 
 
 def test_a_configs_seed_is_not_replaced_by_the_cli_default(tmp_path):
     path = write_config(tmp_path, {"c": {"seed": 5}})
     assert parsed_finetune_config("--config", path, "c").seed == 5
     assert parsed_finetune_config("--config", path, "c", "--seed", "7").seed == 7
+    assert parsed_finetune_config("--config", path, "c", "--seed", "0").seed == 0  # explicit
     assert parsed_finetune_config().seed == 0
 
 
