@@ -516,3 +516,10 @@ def test_prepare_model_refuses_a_regex_that_would_backtrack_for_minutes():
     with pytest.raises(ValueError, match="target_modules"):
         qlora_ref.prepare_model(model, target_modules="(.*.*)*Z")
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_allocation(capsys):
+    code = main(["finetune", "--batch-size", "100000000", "--max-steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "per_device_train_batch_size 100000000 is larger than the training set" in err[0]

@@ -111,6 +111,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.per_device_train_batch_size > self.train_size:  # bounds a micro-batch's memory
+            raise ValueError(f"per_device_train_batch_size {self.per_device_train_batch_size} "
+                             f"is larger than the training set ({self.train_size} examples)")
         for name in ("learning_rate", "lora_alpha", "lora_dropout", "weight_decay",
                      "num_train_epochs"):
             value = getattr(self, name)
