@@ -473,6 +473,22 @@ def _bench_size(rows_, cols, threads, repeat, warmup, seed, libs, fmt, say) -> d
     return {"results": results, "byte_identical": same}
 
 
+def _say_table(say, head, body, fmt: str) -> None:
+    """A table as Markdown (``fmt == "md"``) or as aligned text columns, through ``say``."""
+    rows = [[str(c) for c in line] for line in [head, *body]]
+    if fmt == "md":  # blank lines around the table: Markdown needs them
+        say("\n| " + " | ".join(rows[0]) + " |")
+        say("|" + "---|" * len(rows[0]))
+        for line in rows[1:]:
+            say("| " + " | ".join(line) + " |")
+        say("")
+        return
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    for line in rows:
+        say("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(line, widths))))
+
+
 def _print_table(title, results, same, fmt, say, clock="wall"):
     """One table: a row per implementation, a column per operation.
 
@@ -522,17 +538,7 @@ def _print_table(title, results, same, fmt, say, clock="wall"):
     else:
         say("Same run, single-threaded rows by CPU time of the calling thread "
             "(the time this machine's other jobs took is left out):")
-    if fmt == "md":  # blank lines around the table: Markdown needs them
-        say("\n| " + " | ".join(head) + " |")
-        say("|" + "---|" * len(head))
-        for line in body:
-            say("| " + " | ".join(line) + " |")
-        say("")
-    else:
-        widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
-        for line in [head, *body]:
-            say("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                          for i, (c, w) in enumerate(zip(line, widths))))
+    _say_table(say, head, body, fmt)
     copies = ", ".join(f"{op} {results[op]['memory copy'][key] * 1e3:.3g} ms"
                        for op in OPERATIONS)
     say(f"memory copy = np.copyto of the bytes each operation writes: {copies}")
@@ -769,17 +775,7 @@ def contention_table(busy: int = 2, steps: int = _CONTENTION_STEPS, setups=None,
                      f"{r['128x512 1 thr'] * 1e6:.0f}", f"{r['128x512 2 thr'] * 1e6:.0f}",
                      f"{r['4096x4096 1 thr'] * 1e3:.1f}", f"{r['4096x4096 2 thr'] * 1e3:.1f}",
                      f"{r['steps/s']:.2f}" if "steps/s" in r else "-", f"{r['seconds']:.0f}"])
-    if fmt == "md":
-        say("\n| " + " | ".join(head) + " |")
-        say("|" + "---|" * len(head))
-        for line in body:
-            say("| " + " | ".join(line) + " |")
-        say("")
-    else:
-        widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-        for line in [head, *body]:
-            say("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                          for i, (c, w) in enumerate(zip(line, widths))))
+    _say_table(say, head, body, fmt)
     say(f"load average at the end {os.getloadavg()[0]:.2f}")
     return {"busy": busy, "steps": steps, "rows": rows}
 

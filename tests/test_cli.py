@@ -89,3 +89,15 @@ def test_python_dash_m_bad_input_is_one_line_and_status_2(tmp_path):
     assert result.returncode == 2
     lines = [l for l in result.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and "unknown task 'juggle'" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "md"])
+def test_bench_prints_its_tables(capsys, fmt):
+    """A tiny run of `qlora-ref bench`: every table row is printed, in both formats."""
+    code = main(["bench", "--size", "64", "--repeat", "1", "--warmup", "0", "--no-layer",
+                 "--format", fmt])
+    out = capsys.readouterr().out
+    assert code == 0
+    for row in ("numpy reference", "memory copy", "Cython == NumPy bytes"):
+        assert row in out, row
+    assert ("| memory copy |" in out) == (fmt == "md")
