@@ -374,7 +374,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None, repeat: int = 7,
                    warmup: int = 1, seed: int = 0, layer: bool = True, fmt: str = "text",
-                   fresh_pages: bool = False, file=None) -> dict:
+                   fresh_pages: bool = True, file=None) -> dict:
     """Time every operation for every implementation; print the tables; return the numbers.
 
     Parameters
@@ -391,8 +391,12 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
     fmt : {"text", "md"}
         Plain text, or a Markdown table (as in ``docs/benchmarks.md``).
     fresh_pages : bool
-        Leave glibc's allocator alone (outputs may then be new, page-faulted
-        memory); by default it is set to reuse heap memory, process wide.
+        True (the default when called as a function): leave glibc's allocator
+        alone, so outputs may be new, page-faulted memory. False: set it to
+        reuse heap memory (``mallopt``), for the whole process and for good,
+        since glibc cannot give back its adaptive thresholds. ``qlora-ref
+        bench`` does that (it exits afterwards) unless ``--fresh-pages``; a
+        notebook that calls this function keeps its allocator as it was.
 
     Returns
     -------

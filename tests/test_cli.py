@@ -101,3 +101,15 @@ def test_bench_prints_its_tables(capsys, fmt):
     for row in ("numpy reference", "memory copy", "Cython == NumPy bytes"):
         assert row in out, row
     assert ("| memory copy |" in out) == (fmt == "md")
+
+
+def test_the_benchmark_as_a_function_leaves_the_allocator_alone(monkeypatch):
+    """`run_benchmarks` from a notebook must not change process-wide settings it cannot restore."""
+    import io
+
+    from qlora_ref import bench
+    calls = []
+    monkeypatch.setattr(bench, "_reuse_heap_memory", lambda: calls.append(1) or True)
+    report = bench.run_benchmarks(sizes=[(64, 64)], repeat=1, warmup=0, layer=False,
+                                  file=io.StringIO())
+    assert calls == [] and report["settings"]["heap_reuse"] is False
