@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from .dtypes import FLOAT_DTYPES
+
 __all__ = ["main", "build_parser"]
 
 
@@ -171,7 +173,7 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
             raise ValueError(f"{path} has no tensor {key!r}")
         t = tensors[key]
         dtype = str(t.dtype).replace("torch.", "")
-        if dtype not in ("float16", "bfloat16", "float32", "float64"):  # as quantize_4bit takes
+        if dtype not in FLOAT_DTYPES:  # as quantize_4bit takes
             raise ValueError(f"{path}: tensor {key!r} is {dtype}; quantize takes float16, "
                              "bfloat16, float32 or float64")
         return (t.float().numpy() if dtype == "bfloat16" else t.numpy()), key

@@ -31,12 +31,12 @@ from typing import Optional
 
 import numpy as np
 
+from .dtypes import FLOAT_DTYPES
 from .validation import QUANT_TYPES, VALID_BLOCKSIZES
 
 __all__ = ["QuantState"]
 
 _ARRAYS = ("packed", "absmax", "code", "nested_absmax", "nested_code")
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 #: metadata members of a state file: (allowed dtype kinds, most values)
 _META = {"shape": ("iu", 32), "blocksize": ("iu", 1), "nested_blocksize": ("iu", 1),
          "dtype": ("U", 1), "quant_type": ("U", 1), "offset": ("f", 1)}
@@ -175,8 +175,8 @@ class QuantState:
         if not _is_int(self.blocksize) or self.blocksize not in VALID_BLOCKSIZES:
             raise ValueError(f"QuantState.blocksize must be one of {VALID_BLOCKSIZES}, "
                              f"got {self.blocksize!r}")
-        if self.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"QuantState.dtype must be one of {_FLOAT_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"QuantState.dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
         shape = _shape_tuple(self.shape)
         if math.prod(shape) == 0:
             raise ValueError(f"QuantState.shape {self.shape} has no elements")

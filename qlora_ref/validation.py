@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import FLOAT_DTYPES
+
 __all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "as_float32_flat", "check_blocksize",
            "check_quant_type", "check_positive_int", "check_code", "check_num_threads",
            "MAX_THREADS", "dtype_name"]
@@ -21,7 +23,6 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: The 4-bit data types this package implements.
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _is_torch_tensor(x) -> bool:
@@ -48,9 +49,9 @@ def as_float32_flat(x, what: str = "input") -> tuple[np.ndarray, tuple[int, ...]
         or holds NaN or infinity.
     """
     name = dtype_name(x)
-    if name not in _FLOAT_NAMES:
+    if name not in FLOAT_DTYPES:
         raise ValueError(
-            f"{what} must be a floating-point array (one of {', '.join(_FLOAT_NAMES)}); "
+            f"{what} must be a floating-point array (one of {', '.join(FLOAT_DTYPES)}); "
             f"got dtype {name}")
     if _is_torch_tensor(x):
         shape = tuple(int(s) for s in x.shape)
