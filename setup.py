@@ -105,7 +105,8 @@ def extensions():
                   "show_performance_hints": not checks}  # the debug build is slow on purpose
     macros = [("QLORA_REF_DEBUG_CYTHON", "1")] if DEBUG_CYTHON else []
     ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"],
-                    define_macros=macros)
+                    define_macros=macros, include_dirs=["qlora_ref/_kernels"],  # lookup16.h
+                    depends=["qlora_ref/_kernels/lookup16.h", "qlora_ref/_kernels/gemv4.h"])
     return cythonize([ext], compiler_directives=directives,
                      build_dir="build/cython-debug" if DEBUG_CYTHON else None)
 

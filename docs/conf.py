@@ -10,6 +10,11 @@ Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
   (it then holds a small text file), the notebooks are copied in at build time.
 * ``benchmarks.md`` and ``experiments.md`` are written by other parts of the
   project; each is listed in the "Results" toctree only if it exists.
+* The site needs no network (a course room may have none): MathJax 3 comes
+  from the ``sphinx-mathjax-offline`` package and is copied to
+  ``_static/mathjax`` (fonts included), and the theme's scripts, styles and
+  fonts are all local. ``tests/test_site_browser.py`` opens every page in a
+  headless browser with the network blocked to keep it so.
 """
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",     # numpydoc-style sections
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax 3 copied into _static: formulas render with no network
     "sphinx.ext.viewcode",
 ]
 
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
+exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints",
+                    "results/*.md"]  # tables the experiment scripts write; the pages quote them
 
 # -- MyST and notebooks -------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

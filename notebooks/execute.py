@@ -4,12 +4,18 @@ Usage (from anywhere)::
 
     python notebooks/execute.py                  # all notebooks
     python notebooks/execute.py 03 05            # those whose names start with 03 or 05
+    python notebooks/execute.py --solutions 01   # run with the exercise solutions, store nothing
 
 Each notebook runs top to bottom with nbclient (timeout 300 s per cell), in a
 kernel started from *this* interpreter (``sys.executable``), with the
 notebooks folder as working directory. Outputs are written back into the
 ``.ipynb`` files, which the documentation renders without executing them.
 ``tests/test_notebooks.py`` uses :func:`execute` too, without writing.
+
+The stored outputs are the student's view: the exercises hold their
+placeholders and every check prints ``[not done]``. ``--solutions`` runs the
+kernel with ``QLORA_REF_SOLUTIONS=1`` (see ``exercises.py``: every check then
+uses the solution in ``solutions/`` and must pass); it never writes the files.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from nbclient import NotebookClient
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 300
 KERNEL_NAME = "qlora-ref-python"
+SOLUTIONS_VARIABLE = "QLORA_REF_SOLUTIONS"
 
 
 def notebooks(prefixes=()) -> list[Path]:
@@ -54,9 +61,13 @@ def _kernel_dir() -> str:
     return str(root)
 
 
-def execute(path: Path, timeout: int = TIMEOUT) -> tuple[nbformat.NotebookNode, float]:
+def execute(path: Path, timeout: int = TIMEOUT,
+            extra_env: dict[str, str] | None = None) -> tuple[nbformat.NotebookNode, float]:
     """Run the notebook at ``path``; return the executed notebook and the seconds it took.
 
+    The kernel gets this process's environment without ``QLORA_REF_SOLUTIONS``,
+    plus ``extra_env`` (``{"QLORA_REF_SOLUTIONS": "1"}`` runs the exercises
+    with their solutions).
     Raises ``nbclient.exceptions.CellExecutionError`` naming the failing cell.
     """
     nb = nbformat.read(path, as_version=4)
@@ -65,8 +76,11 @@ def execute(path: Path, timeout: int = TIMEOUT) -> tuple[nbformat.NotebookNode, 
         os.environ["JUPYTER_PATH"] = os.pathsep.join([_kernel_dir(), *filter(None, paths)])
     client = NotebookClient(nb, timeout=timeout, kernel_name=KERNEL_NAME, record_timing=False,
                             resources={"metadata": {"path": str(path.parent)}})
+    # the student's view unless extra_env asks otherwise: an inherited QLORA_REF_SOLUTIONS is dropped
+    env = {k: v for k, v in os.environ.items() if k != SOLUTIONS_VARIABLE}
+    env.update(extra_env or {})
     started = time.perf_counter()
-    client.execute()
+    client.execute(env=env)                   # passed on to the kernel's process
     seconds = time.perf_counter() - started
     # store the generic kernel name, not the temporary one
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
@@ -74,18 +88,44 @@ def execute(path: Path, timeout: int = TIMEOUT) -> tuple[nbformat.NotebookNode, 
     return nb, seconds
 
 
+def _write_atomically(nb: nbformat.NotebookNode, path: Path) -> None:
+    """Write ``nb`` to ``path`` through a temporary file in the same folder (never half-written)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".ipynb", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(argv=None) -> int:
-    paths = notebooks(argv if argv is not None else sys.argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    with_solutions = "--solutions" in args
+    prefixes = [a for a in args if a != "--solutions"]
+    unknown = [a for a in prefixes if a.startswith("-")]
+    if unknown:
+        print(f"execute.py: unknown option {unknown[0]} (only --solutions)", file=sys.stderr)
+        return 2
+    paths = notebooks(prefixes)
     if not paths:
         print("no notebooks matched", file=sys.stderr)
         return 1
     total = 0.0
     for path in paths:
-        nb, seconds = execute(path)
-        nbformat.write(nb, path)
+        if with_solutions:
+            nb, seconds = execute(path, extra_env={SOLUTIONS_VARIABLE: "1"})
+            size = "(not written)"
+        else:
+            nb, seconds = execute(path)
+            _write_atomically(nb, path)
+            size = f"{path.stat().st_size / 1024:6.0f} KB"
         total += seconds
-        size_kb = path.stat().st_size / 1024
-        print(f"{path.name:<45} {seconds:6.1f} s  {size_kb:6.0f} KB", flush=True)
+        print(f"{path.name:<45} {seconds:6.1f} s  {size}", flush=True)
     print(f"{'total':<45} {total:6.1f} s")
     return 0
 

@@ -44,6 +44,7 @@ _LAZY = {
     "trainable_parameters": "qlora_ref.nn.model",
     "save_adapter": "qlora_ref.nn.adapters",
     "load_adapter": "qlora_ref.nn.adapters",
+    "merge_and_unload": "qlora_ref.nn.merge",
 }
 
 __all__ = [

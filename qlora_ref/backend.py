@@ -13,6 +13,11 @@ Installing never needs a compiler: without the extension the package warns
 once and uses NumPy. CI sets ``QLORA_REF_REQUIRE_CYTHON=1``, under which a
 missing extension is an error instead.
 
+The vector path of the dequantize kernels is chosen here as well
+(:func:`simd_level`): the best the CPU has (``avx512``, ``avx2`` or
+``portable``, see ``qlora_ref/_kernels/lookup16.h``), unless
+``QLORA_REF_SIMD`` names another; every path writes the same bytes.
+
 Threads are chosen here too (:func:`default_num_threads`): all cores for
 large problems, one below :data:`PARALLEL_MIN_ELEMENTS`, one always when
 the OpenMP runtime in use spins (see :mod:`qlora_ref._runtime`).
@@ -25,7 +30,7 @@ import warnings
 from . import _runtime
 
 __all__ = ["BACKENDS", "active_backend", "resolve_backend", "cython_available", "kernels",
-           "default_num_threads", "PARALLEL_MIN_ELEMENTS"]
+           "default_num_threads", "PARALLEL_MIN_ELEMENTS", "simd_level"]
 
 BACKENDS = ("numpy", "cython")
 
@@ -51,7 +56,28 @@ def kernels():
         raise RuntimeError(
             "the Cython extension qlora_ref._kernels.quant4 is not built "
             f"({_IMPORT_ERROR}); reinstall with a C compiler, e.g. `pip install -e .`")
+    if not _simd_chosen:
+        _choose_simd()
     return _quant4
+
+
+_simd_chosen = False
+
+
+def _choose_simd() -> None:
+    """Apply ``QLORA_REF_SIMD`` (``auto``, ``portable``, ``avx2``, ``avx512``) once, on first use."""
+    global _simd_chosen
+    wanted = os.environ.get("QLORA_REF_SIMD", "").strip().lower() or "auto"
+    _simd_chosen = True
+    try:
+        _quant4.set_simd_level(wanted)
+    except ValueError as exc:
+        raise ValueError(f"QLORA_REF_SIMD: {exc}") from None
+
+
+def simd_level() -> str | None:
+    """The vector path the dequantize kernels use (``"avx512"``, ``"avx2"``, ``"portable"``); None without the extension."""
+    return kernels().simd_level() if _quant4 is not None else None
 
 
 def active_backend() -> str:

@@ -9,6 +9,29 @@ Mirrors ``bitsandbytes.functional.create_normal_map``,
 ``get_4bit_type`` and ``create_dynamic_map``. Every table is *derived* here,
 never pasted, and the tests check each one against bitsandbytes' table.
 
+Note (the paper's equation (4) and the table in use): the paper defines the
+levels of a k-bit quantile code by averaging neighbouring quantiles,
+:math:`q_i = \tfrac12\big(Q_X(\tfrac{i}{2^k+1}) + Q_X(\tfrac{i+1}{2^k+1})\big)`,
+:math:`i = 0, \dots, 2^k - 1`. Taken literally for N(0, 1) and k = 4 that
+gives :math:`q_0 = -\infty` (because :math:`Q_X(0) = \Phi^{-1}(0)`), seven
+finite negative levels, an exact 0 at :math:`i = 8`, and seven positive
+levels up to 1.3758. bitsandbytes' ``create_normal_map``, which NF4 is in
+practice and which :func:`normal_float_code` follows bit for bit, is built
+differently: 8 positive levels :math:`\Phi^{-1}(p)` for
+``p = linspace(offset, 0.5, 9)[:-1]``, 7 negative levels from
+``linspace(offset, 0.5, 8)[:-1]``, and 0, all divided by the largest. In
+standard deviations, before that division::
+
+    eq. (4), k = 4  : -inf  -1.3758 -1.0579 -0.8252 -0.6315 -0.4594 -0.3002 -0.1484
+                       0.    0.1484  0.3002  0.4594  0.6315  0.8252  1.0579  1.3758
+    bitsandbytes    : -1.8481 -1.2867 -0.9704 -0.7299 -0.5257 -0.3415 -0.1683  0.
+                       0.1471  0.2974  0.4548  0.6245  0.8145  1.0398  1.3361  1.8481
+
+(printed by notebook 1, section 1.3, from ``scipy.stats.norm.ppf``). Both
+build the levels from evenly spaced probabilities; they differ in where the
+outermost levels sit (:math:`\pm\infty` or :math:`\pm\Phi^{-1}(\delta)`),
+in the spacing of the two halves, and in how the zero is made.
+
 Note (float32 steps): bitsandbytes builds its tables with ``torch.linspace``
 in float32 and divides in float32, so its NF4 values sit up to ~1.2e-7 away
 from an all-float64 derivation. Quantization must use the *same* float32
@@ -32,7 +55,8 @@ __all__ = [
     "code_for",
 ]
 
-#: The outermost quantile used by NF4. See :func:`normal_float_code`.
+#: The outermost probability used by NF4: bitsandbytes' ``create_normal_map`` default, which
+#: bitsandbytes calls empirically chosen. See :func:`normal_float_code` for a rule that gives it.
 NF4_OFFSET = 0.9677083
 
 
@@ -73,9 +97,14 @@ def normal_float_code(bits: int = 4, offset: float = NF4_OFFSET,
                       float32_steps: bool = True) -> np.ndarray:
     r"""The k-bit NormalFloat codebook NF\ *k*: quantiles of N(0, 1) scaled to [-1, 1].
 
-    Information-theoretically optimal data types give every code the same
-    share of the input's probability mass. For normally distributed weights
-    that means placing the :math:`2^k` levels at quantiles of N(0, 1). To
+    The paper calls such a type *information-theoretically optimal*: each
+    code gets the same share of the input's probability mass, so for normal
+    data every index is used equally often and the code's entropy is the
+    largest possible (k bits). That is optimal for *entropy*, not for the
+    rounding error: the code with the least mean squared error on N(0, 1)
+    (Lloyd-Max) spends its levels differently (notebook 1 compares the two).
+    For normally distributed weights equal mass means placing the
+    :math:`2^k` levels at quantiles of N(0, 1). To
     have an *exact zero* (padding and zero weights must round-trip) the
     type is asymmetric: :math:`2^{k-1}` positive levels from the quantiles of
     the upper half, :math:`2^{k-1} - 1` negative levels from the lower half,
@@ -96,12 +125,21 @@ def normal_float_code(bits: int = 4, offset: float = NF4_OFFSET,
     normal quantile function (``scipy.stats.norm.ppf``).
 
     Why 0.9677083 and not 1? :math:`\Phi^{-1}(1) = \infty`, so the outermost
-    quantile must stop short of 1. QLoRA picks it as the midpoint of two
-    quantile grids: :math:`\delta = \tfrac12\left(\tfrac{1}{2\cdot 15}
-    + \tfrac{1}{2\cdot 16}\right)` below 1, i.e.
-    :math:`1 - \delta = (1/30 + 1/32)/2 = 0.0322917`, so the largest level
-    sits at :math:`\Phi^{-1}(0.9677083) \approx 1.848` standard deviations
-    before normalisation to 1.
+    probability must stop short of 1. Neither the paper nor bitsandbytes
+    derives the value (bitsandbytes' docstring calls it empirically
+    optimized). One rule that reproduces it, a reconstruction of ours: take
+    :math:`1 - \delta` halfway between the centres of the outermost bins of
+    a 15-bin and a 16-bin equal-mass grid,
+
+    .. math::
+
+        1 - \delta = \tfrac12\left(\tfrac{1}{2\cdot 15} + \tfrac{1}{2\cdot 16}\right)
+        = 0.0322917, \qquad \delta = 0.96770833\ldots
+
+    which rounds to bitsandbytes' 0.9677083 at 7 digits (notebook 1,
+    section 1.4, checks it). The largest level then sits at
+    :math:`\Phi^{-1}(0.9677083) \approx 1.848` standard deviations before
+    normalisation to 1.
 
     Parameters
     ----------

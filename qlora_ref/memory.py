@@ -4,14 +4,25 @@ Paper: Dettmers et al. (2023), "QLoRA: Efficient Finetuning of Quantized LLMs".
 
 * Section 3, "4-bit NormalFloat Quantization" and "Double Quantization": what one
   stored weight costs, quantization constants included (:func:`bits_per_param`,
-  :func:`quantized_nbytes`). With blocksize 64 the float32 constants add
-  32/64 = 0.5 bits per weight; double quantization brings that to
+  :func:`quantized_nbytes`). With blocksize 64 the float32 constants
+  :math:`c_2` add 32/64 = 0.5 bits per weight; double quantization stores
+  :math:`c_2` in 8 bits plus one float32 :math:`c_1` per 256 of them,
   8/64 + 32/(64 * 256) ≈ 0.127 bits, saving 0.373 bits per parameter.
 * Section 1 (">780 GB of GPU memory" for regular 16-bit finetuning of a 65B
   model), Section 2, "Memory Requirement of Parameter-Efficient Finetuning"
-  (LoRA weights of "0.2 %" of the model), and the appendix's memory-footprint
-  breakdown for LLaMA models: what a whole run costs (:func:`finetune_memory`,
-  :func:`memory_table`).
+  (LoRA weights of "0.2 %" of the model, input gradients, gradient
+  checkpointing), and Appendix G's memory breakdown of LLaMA 7B to 65B
+  (Figure 6): what a whole run costs (:func:`finetune_memory`,
+  :func:`memory_table`, :func:`activation_memory`).
+
+Notation (one table for the whole package: ``docs/notation.md``): as in the
+paper, :math:`c_2` are the first-level constants (one absmax per block of
+:math:`B = 64` weights) and :math:`c_1` the second-level float32 constants
+that double quantization adds (one per :math:`B_{c_2} = 256` values of
+:math:`c_2`). Bit *widths* are never called :math:`c`: they are
+:math:`k` (a code), :math:`b_\mathrm{f}` (``absmax_bits``, a float32
+constant) and :math:`b_\mathrm{q}` (``nested_absmax_bits``, a quantized
+:math:`c_2`).
 
 The byte layout mirrors ``bitsandbytes.functional.quantize_4bit`` (and
 ``quantize_blockwise`` for 8 bits): packed codes, one absmax per block and,
@@ -24,10 +35,11 @@ unit of the paper's 780 GB and 48 GB figures (:func:`format_bytes` also knows Gi
 
 Note (what is not counted): the code tables (16 NF4 values, the 256-value
 dynamic map of the nested absmax) are shared constants and not counted, although
-bitsandbytes writes a copy of them when it serializes a tensor. Activations are
-not estimated: they depend on batch size, sequence length and gradient
-checkpointing, so they are an explicit input, 0 unless given. Paged optimizers
-(the paper's third idea) move memory to the CPU on spikes; they change no totals here.
+bitsandbytes writes a copy of them when it serializes a tensor. Activations
+depend on batch size, sequence length and gradient checkpointing: they are 0
+unless given, either as bytes or through a model shape and ``seq_len``
+(:func:`activation_memory`). Paged optimizers (the paper's third idea) move
+memory to the CPU on spikes; they change no totals here.
 """
 from __future__ import annotations
 
@@ -42,12 +54,16 @@ __all__ = [
     "METHODS",
     "PROJECTIONS",
     "LLAMA_65B",
+    "DecoderShape",
+    "LLAMA_SHAPES",
     "DEFAULT_LORA_FRACTION",
     "bits_per_param",
     "quantized_nbytes",
     "lora_param_count",
     "generic_lora_param_count",
     "format_bytes",
+    "ActivationMemory",
+    "activation_memory",
     "MemoryTable",
     "MemoryComparison",
     "finetune_memory",
@@ -119,20 +135,22 @@ def bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: bool = True
                    nested_absmax_bits: int = 8) -> float:
     r"""Storage per weight, in bits, including the quantization constants.
 
-    A blockwise code of :math:`k` bits stores one absmax per block of
-    :math:`B_1` weights. Kept as :math:`c_1`-bit floats (float32) they cost
+    A blockwise code of :math:`k` bits stores one constant :math:`c_2` (the
+    block's absmax) per block of :math:`B` weights. Kept as
+    :math:`b_\mathrm{f}`-bit floats (float32) they cost
 
     .. math::
 
-        b = k + \frac{c_1}{B_1}.
+        b = k + \frac{b_\mathrm{f}}{B}.
 
-    With double quantization the absmax are themselves quantized to
-    :math:`c_2` bits (uint8) in blocks of :math:`B_2`, each block keeping one
-    :math:`c_1`-bit absmax of its own:
+    With double quantization the :math:`c_2` are themselves quantized to
+    :math:`b_\mathrm{q}` bits (uint8) in blocks of :math:`B_{c_2}`, each such
+    block keeping one :math:`b_\mathrm{f}`-bit second-level constant
+    :math:`c_1` (the paper's names, see ``docs/notation.md``):
 
     .. math::
 
-        b_{\mathrm{DQ}} = k + \frac{c_2}{B_1} + \frac{c_1}{B_1 B_2}.
+        b_{\mathrm{DQ}} = k + \frac{b_\mathrm{q}}{B} + \frac{b_\mathrm{f}}{B\,B_{c_2}}.
 
     This is the per-weight cost of a long tensor. Per-tensor terms, the one
     float32 offset of double quantization and the rounding up of a trailing
@@ -142,18 +160,21 @@ def bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: bool = True
     Parameters
     ----------
     bits : {4, 8, 16, 32}
-        Bits per stored code: 4 (NF4 or FP4), 8 (blockwise 8-bit), or 16 / 32
-        (plain floats: no constants, the other arguments are only validated).
+        :math:`k`, bits per stored code: 4 (NF4 or FP4), 8 (blockwise 8-bit),
+        or 16 / 32 (plain floats: no constants, the other arguments are only
+        validated).
     blocksize : int
-        :math:`B_1`, weights per absmax; a positive power of two.
+        :math:`B`, weights per constant :math:`c_2`; a positive power of two.
     double_quant : bool
-        Quantize the absmax (bitsandbytes' ``compress_statistics``).
+        Quantize the :math:`c_2` (bitsandbytes' ``compress_statistics``).
     nested_blocksize : int
-        :math:`B_2`, absmax per second-level absmax; a positive power of two.
+        :math:`B_{c_2}`, constants :math:`c_2` per second-level constant
+        :math:`c_1`; a positive power of two.
     absmax_bits : int
-        :math:`c_1`, bits of an unquantized absmax (float32: 32).
+        :math:`b_\mathrm{f}`, bits of a constant kept as a float (float32: 32):
+        every :math:`c_2` without double quantization, every :math:`c_1` with it.
     nested_absmax_bits : int
-        :math:`c_2`, bits of a quantized absmax (uint8: 8).
+        :math:`b_\mathrm{q}`, bits of a quantized :math:`c_2` (uint8: 8).
 
     Returns
     -------
@@ -174,8 +195,8 @@ def bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: bool = True
     if bits in PLAIN_BITS:
         return float(bits)
     if not double_quant:
-        return bits + absmax_bits / blocksize  # eq. b
-    return (bits + nested_absmax_bits / blocksize  # eq. b_DQ
+        return bits + absmax_bits / blocksize  # eq. b: k + b_f / B
+    return (bits + nested_absmax_bits / blocksize  # eq. b_DQ: k + b_q / B + b_f / (B B_c2)
             + absmax_bits / (blocksize * nested_blocksize))
 
 
@@ -185,14 +206,15 @@ def quantized_nbytes(n_params: int, bits: int = 4, blocksize: int = 64, double_q
     r"""Exact bytes of one tensor of ``n_params`` elements, in bitsandbytes' layout.
 
     A trailing partial block is a block of its own, so with
-    :math:`m = \lceil n / B_1 \rceil` first-level blocks
+    :math:`m = \lceil n / B \rceil` constants :math:`c_2` and
+    :math:`\lceil m / B_{c_2} \rceil` constants :math:`c_1`
 
     .. math::
 
         \mathrm{bytes}(n) = \left\lceil \frac{n k}{8} \right\rceil
             + \begin{cases}
-                m \, c_1 / 8 & \text{without double quantization} \\
-                m \, c_2 / 8 + \lceil m / B_2 \rceil \, c_1 / 8 + 4 & \text{with it}
+                m \, b_\mathrm{f} / 8 & \text{without double quantization} \\
+                m \, b_\mathrm{q} / 8 + \lceil m / B_{c_2} \rceil \, b_\mathrm{f} / 8 + 4 & \text{with it}
               \end{cases}
 
     where the 4 is the float32 ``offset``. For :math:`k = 4` the first term is
@@ -286,6 +308,210 @@ def generic_lora_param_count(n_params: int, fraction: float = DEFAULT_LORA_FRACT
     return round(n * fraction)
 
 
+# ----------------------------------------------------------------------------- model shapes
+@dataclass(frozen=True)
+class DecoderShape:
+    """The shapes of a LLaMA-style decoder: what the memory model needs to know.
+
+    Attributes
+    ----------
+    hidden_size, intermediate_size, n_layers, n_heads, vocab_size : int
+        :math:`h`, :math:`i`, :math:`L`, :math:`a` and :math:`V`.
+
+    Examples
+    --------
+    >>> LLAMA_SHAPES["llama-7b"].n_params
+    6738415616
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int = 32000
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "n_layers", "n_heads", "vocab_size"):
+            object.__setattr__(self, name, _count(getattr(self, name), name))
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size must be a multiple of n_heads, got "
+                             f"{self.hidden_size} and {self.n_heads}")
+
+    @property
+    def n_params(self) -> int:
+        r"""Parameters of the LLaMA layout: :math:`2Vh + L(4h^2 + 3hi + 2h) + h`.
+
+        Input embedding and output head (not tied), then per layer the four
+        attention projections, the three MLP projections and two RMSNorm
+        weights, then the final RMSNorm. No biases.
+        """
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = 4 * h * h + 3 * h * i + 2 * h
+        return 2 * self.vocab_size * h + self.n_layers * per_layer + h
+
+    def lora_params(self, r: int = 64, projections=tuple(PROJECTIONS)) -> int:
+        """:func:`lora_param_count` for this shape."""
+        return lora_param_count(self.hidden_size, self.intermediate_size, self.n_layers,
+                                r=r, projections=projections)
+
+
+#: LLaMA-1 shapes (Touvron et al. 2023, Table 2; the Hugging Face configs), the four
+#: sizes of the QLoRA paper's Figure 6. ``LLAMA_SHAPES["llama-65b"]`` agrees with
+#: :data:`LLAMA_65B`.
+LLAMA_SHAPES = MappingProxyType({
+    "llama-7b": DecoderShape(hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32),
+    "llama-13b": DecoderShape(hidden_size=5120, intermediate_size=13824, n_layers=40, n_heads=40),
+    "llama-33b": DecoderShape(hidden_size=6656, intermediate_size=17920, n_layers=60, n_heads=52),
+    "llama-65b": DecoderShape(hidden_size=8192, intermediate_size=22016, n_layers=80, n_heads=64),
+})
+
+
+# ----------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Bytes of the activations kept for the backward pass, term by term.
+
+    Attributes
+    ----------
+    rows : tuple of (str, int)
+        ``(term, bytes)``: checkpoints (layer inputs), the layers' saved
+        tensors, the output head's.
+    details : tuple of str
+        How each row was computed, aligned with ``rows``.
+    """
+
+    rows: tuple
+    details: tuple
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.rows)
+
+    def __getitem__(self, term: str) -> int:
+        return dict(self.rows)[term]
+
+    def describe(self) -> str:
+        """One line: the total and how it was counted."""
+        return "; ".join(how for (_, nbytes), how in zip(self.rows, self.details) if nbytes)
+
+
+def activation_memory(shape: DecoderShape, seq_len: int | None, batch_size: int = 1, *,
+                      gradient_checkpointing: bool = False, dtype_bytes: int = 2,
+                      linear_inputs_only: bool = False) -> ActivationMemory:
+    r"""Activations a LLaMA-style decoder keeps for its backward pass, in bytes.
+
+    With :math:`t = b \cdot s` tokens (``batch_size`` times ``seq_len``),
+    :math:`d` bytes per value (``dtype_bytes``, 2 for bfloat16), hidden size
+    :math:`h`, MLP size :math:`i`, :math:`L` layers and vocabulary :math:`V`,
+    one decoder layer saves, per token,
+
+    .. math::
+
+        e_\mathrm{lin} = \underbrace{h}_{\text{q,k,v input}} + \underbrace{h}_{\text{o input}}
+            + \underbrace{h}_{\text{gate,up input}} + \underbrace{i}_{\text{down input}}
+            = 3h + i
+
+    values as inputs of its seven linear layers (the tensors needed to pass
+    gradients through the frozen weights to the adapters and earlier layers),
+    and in all
+
+    .. math::
+
+        e_\mathrm{layer} = e_\mathrm{lin} + \underbrace{2h}_{\text{RMSNorm inputs}}
+            + \underbrace{3h}_{\text{Q, K (after RoPE), V}}
+            + \underbrace{2i}_{\text{gate, up outputs}} = 8h + 3i .
+
+    Then
+
+    .. math::
+
+        \text{without checkpointing:}\quad & t\,d\,\big(L\,e_\mathrm{layer} + h + V\big) \\
+        \text{with checkpointing:}\quad & t\,d\,\big(L\,h + e_\mathrm{layer} + h + V\big)
+
+    where :math:`h + V` is the output head's input and its logits. With
+    gradient checkpointing (one checkpoint per decoder layer, as Hugging
+    Face's ``gradient_checkpointing_enable``) only each layer's input is kept;
+    the backward pass recomputes one layer at a time, so one layer's full set
+    is alive at once.
+
+    The counting follows Korthikanti et al. (2022), "Reducing Activation
+    Recomputation in Large Transformer Models", Section 4.1 (per layer
+    :math:`sbh(34 + 5as/h)` bytes for a GPT layer), redone for LLaMA's
+    layer: RMSNorm, rotary embeddings, a gated MLP, no dropout.
+
+    Note (approximations): attention is assumed to run in a fused kernel
+    (PyTorch's ``scaled_dot_product_attention``, FlashAttention) that keeps
+    its output and one log-sum-exp per head and token instead of the
+    :math:`a\,s^2` attention probabilities, so the model is linear in
+    :math:`t`; eager attention would add :math:`b\,a\,s^2 d` per layer.
+    Not counted: the log-sum-exps and RMSNorm statistics (:math:`a` and 2
+    values per token and layer), LoRA's own intermediates (:math:`r` values
+    per adapted projection and token, about 2 % of :math:`e_\mathrm{lin}`
+    for LLaMA at :math:`r = 64`), LoRA dropout masks, a float32 copy of the
+    logits for the loss, the embedding's integer token ids, and the
+    allocator's fragmentation.
+
+    ``linear_inputs_only=True`` counts :math:`e_\mathrm{lin}` instead of
+    :math:`e_\mathrm{layer}` and only the head's input: the scope of the
+    paper's Figure 6, whose input gradients are "estimated only for adapters
+    and the base model weights (no attention)".
+
+    Parameters
+    ----------
+    shape : DecoderShape
+        The model, e.g. ``LLAMA_SHAPES["llama-7b"]``.
+    seq_len : int or None
+        Tokens per sequence, :math:`s`. None means no estimate: every row is 0.
+    batch_size : int
+        Sequences per micro-batch, :math:`b`.
+    gradient_checkpointing : bool
+        Keep only layer inputs and recompute each layer in the backward pass.
+    dtype_bytes : int
+        Bytes per activation value (bfloat16 / float16: 2, float32: 4).
+    linear_inputs_only : bool
+        Count only the inputs of linear layers (the paper's Figure 6 scope).
+
+    Returns
+    -------
+    ActivationMemory
+
+    Examples
+    --------
+    >>> tiny = DecoderShape(hidden_size=8, intermediate_size=16, n_layers=2, n_heads=2, vocab_size=10)
+    >>> activation_memory(tiny, seq_len=4).total_bytes  # 4 tokens x 2 B x (2 (64 + 48) + 8 + 10)
+    1936
+    """
+    if not isinstance(shape, DecoderShape):
+        raise ValueError(f"shape must be a DecoderShape (e.g. LLAMA_SHAPES['llama-7b']), got {shape!r}")
+    batch_size = _count(batch_size, "batch_size")
+    dtype_bytes = _count(dtype_bytes, "dtype_bytes")
+    terms = ("checkpoints (layer inputs)", "saved by the decoder layers", "output head")
+    if seq_len is None:
+        return ActivationMemory(rows=tuple((term, 0) for term in terms),
+                                details=("no sequence length given",) * 3)
+    seq_len = _count(seq_len, "seq_len")
+    h, i, n_layers = shape.hidden_size, shape.intermediate_size, shape.n_layers
+    tokens = batch_size * seq_len
+    per_token = tokens * dtype_bytes                       # bytes of one value per token
+    e_lin = 3 * h + i                                      # eq. e_lin
+    e_layer = e_lin if linear_inputs_only else 8 * h + 3 * i  # eq. e_layer
+    head = h if linear_inputs_only else h + shape.vocab_size
+    what = "linear-layer inputs" if linear_inputs_only else "all saved tensors"
+    if gradient_checkpointing:
+        checkpoints, layers_alive = n_layers * h * per_token, 1
+        ckpt_how = f"{n_layers} layers x {h} values x {tokens:,} tokens x {dtype_bytes} B"
+        layers_how = f"1 layer recomputed at a time: {e_layer} values ({what}) x {tokens:,} tokens x {dtype_bytes} B"
+    else:
+        checkpoints, layers_alive = 0, n_layers
+        ckpt_how = "no gradient checkpointing"
+        layers_how = f"{n_layers} layers x {e_layer} values ({what}) x {tokens:,} tokens x {dtype_bytes} B"
+    head_how = (f"head input ({h})" + ("" if linear_inputs_only else f" + logits ({shape.vocab_size})")
+                + f" x {tokens:,} tokens x {dtype_bytes} B")
+    rows = ((terms[0], checkpoints), (terms[1], layers_alive * e_layer * per_token),
+            (terms[2], head * per_token))
+    return ActivationMemory(rows=rows, details=(ckpt_how, layers_how, head_how))
+
+
 # ----------------------------------------------------------------------------- tables
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -373,7 +599,10 @@ class MemoryComparison:
 
 
 def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | None = None,
-                    activation_bytes: int = 0, bits: int = 4, blocksize: int = 64,
+                    activation_bytes: int = 0, shape: DecoderShape | None = None,
+                    seq_len: int | None = None, batch_size: int = 1,
+                    gradient_checkpointing: bool = False, activation_dtype_bytes: int = 2,
+                    bits: int = 4, blocksize: int = 64,
                     double_quant: bool = True, nested_blocksize: int = 256) -> MemoryTable:
     r"""GPU memory to fine-tune an ``n_params`` model with Adam, term by term.
 
@@ -408,7 +637,14 @@ def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | 
         Default: :func:`generic_lora_param_count` (0.2 % of ``n_params``).
         Must be left out for ``"full"``.
     activation_bytes : int
-        Activations and their gradients, which are not estimated: 0 unless given.
+        Activations, in bytes, when you know them: 0 unless given. Or leave it
+        0 and give ``shape`` and ``seq_len`` to have them estimated.
+    shape : DecoderShape, optional
+        The model's shapes, e.g. ``LLAMA_SHAPES["llama-65b"]``; needed with ``seq_len``.
+    seq_len, batch_size, gradient_checkpointing, activation_dtype_bytes
+        As ``seq_len``, ``batch_size``, ``gradient_checkpointing`` and
+        ``dtype_bytes`` of :func:`activation_memory`. ``seq_len=None`` (the
+        default) estimates nothing: the activations row is ``activation_bytes``.
     bits, blocksize, double_quant, nested_blocksize
         Storage of the QLoRA base, as in :func:`quantized_nbytes`; ignored otherwise.
 
@@ -418,6 +654,17 @@ def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | 
     """
     n = _count(n_params, "n_params")
     activation_bytes = _count(activation_bytes, "activation_bytes", minimum=0)
+    activations_how = "given" if activation_bytes else "not estimated (0 unless given)"
+    if seq_len is not None:
+        if activation_bytes:
+            raise ValueError("activation_bytes must be 0 when seq_len is given: "
+                             "give the bytes or the shapes to estimate them, not both")
+        if shape is None:
+            raise ValueError("shape must be given with seq_len, e.g. shape=LLAMA_SHAPES['llama-7b']")
+        estimate = activation_memory(shape, seq_len, batch_size,
+                                     gradient_checkpointing=gradient_checkpointing,
+                                     dtype_bytes=activation_dtype_bytes)
+        activation_bytes, activations_how = estimate.total_bytes, estimate.describe()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "full":
@@ -445,16 +692,19 @@ def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | 
     details = (weights_how, adapters_how,
                f"16-bit, 2 B x {trained:,} trained params",
                f"Adam, 2 x float32 = 8 B x {trained:,}",
-               "given" if activation_bytes else "not estimated (0 unless given)")
+               activations_how)
     return MemoryTable(method=method, n_params=n, lora_params=n_lora, rows=rows, details=details)
 
 
 def memory_table(n_params: int, *, lora_params: int | None = None, activation_bytes: int = 0,
-                 **storage) -> MemoryComparison:
+                 shape: DecoderShape | None = None, seq_len: int | None = None,
+                 batch_size: int = 1, gradient_checkpointing: bool = False,
+                 activation_dtype_bytes: int = 2, **storage) -> MemoryComparison:
     """:func:`finetune_memory` for ``"full"``, ``"lora"`` and ``"qlora"``, side by side.
 
     ``lora_params`` goes to the two LoRA methods, ``storage`` (``bits``,
-    ``blocksize``, ...) to QLoRA's base.
+    ``blocksize``, ...) to QLoRA's base, the activation arguments to all three
+    (the same activations: a frozen base still passes gradients to its input).
 
     Examples
     --------
@@ -463,10 +713,17 @@ def memory_table(n_params: int, *, lora_params: int | None = None, activation_by
     780000000000
     >>> t["qlora"].total_bytes < 48e9
     True
+    >>> llama = LLAMA_SHAPES["llama-65b"]
+    >>> t = memory_table(llama.n_params, lora_params=llama.lora_params(64), shape=llama,
+    ...                  seq_len=512, gradient_checkpointing=True)
+    >>> format_bytes(t["qlora"]["activations"])
+    '0.85 GB'
     """
+    acts = dict(activation_bytes=activation_bytes, shape=shape, seq_len=seq_len,
+                batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
+                activation_dtype_bytes=activation_dtype_bytes)
     return MemoryComparison(tables=(
-        finetune_memory(n_params, "full", activation_bytes=activation_bytes),
-        finetune_memory(n_params, "lora", lora_params=lora_params, activation_bytes=activation_bytes),
-        finetune_memory(n_params, "qlora", lora_params=lora_params,
-                        activation_bytes=activation_bytes, **storage),
+        finetune_memory(n_params, "full", **acts),
+        finetune_memory(n_params, "lora", lora_params=lora_params, **acts),
+        finetune_memory(n_params, "qlora", lora_params=lora_params, **acts, **storage),
     ))

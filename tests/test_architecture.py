@@ -1,27 +1,46 @@
-"""The floors of the package, checked on its source: the core never reaches up.
+"""The floors of the package, checked on its source: each floor imports only from the floors below.
 
 core (NumPy: codebooks, blockwise, packing, double_quant, fourbit, quant_state,
-validation, dtypes, backend, memory) -> kernels (_kernels) -> torch layer (nn,
-optim, interop) -> training (train) -> the command line and the benchmark.
-A module may import from its own floor and the floors below it, never above;
-the NumPy core imports neither torch nor bitsandbytes at module level.
+validation, dtypes, backend, memory, _runtime) -> kernels (_kernels) -> torch
+layer (nn, optim, interop) -> training (train) -> the command line and the
+benchmark (cli). A module may import from its own floor and the floors below
+it, never above; the NumPy core imports neither torch nor bitsandbytes at
+module level. Every import statement counts, also those inside functions.
 """
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_ref"
 CORE = ["codebooks", "blockwise", "packing", "double_quant", "fourbit", "quant_state", "_runtime",
-        "validation", "dtypes", "backend", "memory"]
-ABOVE_THE_CORE = ("qlora_ref.nn", "qlora_ref.optim", "qlora_ref.train", "qlora_ref.cli",
-                  "qlora_ref.bench", "qlora_ref.interop")
+        "_atomic", "validation", "dtypes", "backend", "memory"]
+
+#: floor -> the subpackages it must not import (the floors above it)
+FORBIDDEN = {
+    "core": ("qlora_ref.nn", "qlora_ref.optim", "qlora_ref.interop", "qlora_ref.train",
+             "qlora_ref.cli"),
+    "nn": ("qlora_ref.train", "qlora_ref.cli"),
+    "optim": ("qlora_ref.train", "qlora_ref.cli"),
+    "interop": ("qlora_ref.train", "qlora_ref.cli"),
+    "train": ("qlora_ref.cli",),
+}
 
 
-def imported_modules(path: Path, top_level_only: bool):
-    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, top_level_only: bool = False):
+    """Absolute names of the modules ``path`` imports (relative imports resolved).
+
+    ``from X import name`` yields ``X`` and ``X.name`` (``name`` may be a submodule).
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = "qlora_ref"  # every core module sits directly in the package
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -31,22 +50,28 @@ def imported_modules(path: Path, top_level_only: bool):
             if node.level:
                 base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
                 module = f"{base}.{node.module}" if node.module else base
-                if node.module is None:
-                    for alias in node.names:
-                        yield f"{module}.{alias.name}"
-                    continue
-                yield module
             else:
-                yield node.module
+                module = node.module
+            yield module
+            for alias in node.names:
+                yield f"{module}.{alias.name}"
 
 
-@pytest.mark.parametrize("name", CORE)
-def test_the_core_imports_nothing_from_the_floors_above(name):
-    path = PACKAGE / f"{name}.py"
-    assert path.exists(), f"core module {name} moved: update this test's list"
-    upward = [m for m in imported_modules(path, top_level_only=False)
-              if m.startswith(ABOVE_THE_CORE)]
-    assert not upward, f"qlora_ref/{name}.py imports {upward} (a floor above the core)"
+def floor_files(floor: str) -> list[Path]:
+    if floor == "core":
+        return [PACKAGE / f"{name}.py" for name in CORE]
+    return sorted((PACKAGE / floor).rglob("*.py"))
+
+
+@pytest.mark.parametrize("floor", list(FORBIDDEN))
+def test_no_floor_imports_from_a_floor_above(floor):
+    files = floor_files(floor)
+    assert files, f"floor {floor} has no modules: update this test"
+    upward = {f"qlora_ref/{p.relative_to(PACKAGE)}": sorted(
+                  {m for m in imported_modules(p) if m.startswith(FORBIDDEN[floor])})
+              for p in files}
+    upward = {k: v for k, v in upward.items() if v}
+    assert not upward, f"the {floor} floor reaches up: {upward}"
 
 
 @pytest.mark.parametrize("name", CORE)
@@ -56,9 +81,26 @@ def test_the_core_does_not_import_torch_at_module_level(name):
     assert not heavy, f"qlora_ref/{name}.py imports {heavy} when it is imported"
 
 
+def test_the_command_line_imports_no_torch_at_module_level():
+    """``qlora-ref --help`` stays fast: every command module defers torch to its functions."""
+    heavy = {p.name: [m for m in imported_modules(p, top_level_only=True)
+                      if m.split(".")[0] in ("torch", "bitsandbytes", "transformers", "peft")
+                      or m.startswith(("qlora_ref.nn", "qlora_ref.train", "qlora_ref.optim"))]
+             for p in floor_files("cli")}
+    assert not {k: v for k, v in heavy.items() if v}, heavy
+
+
 def test_the_core_list_is_complete():
-    """Every top-level module is either in the core list or a known upper floor."""
-    upper = {"__init__", "__main__", "cli", "bench"}
+    """Every top-level module is in the core list or is the package's own entry point."""
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    unknown = top - set(CORE) - upper
+    unknown = top - set(CORE) - {"__init__", "__main__"}
     assert not unknown, f"new top-level modules {sorted(unknown)}: add them to a floor here"
+
+
+def test_importing_the_package_or_the_command_line_imports_no_torch():
+    code = ("import sys, qlora_ref, qlora_ref.cli\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

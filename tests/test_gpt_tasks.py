@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -12,8 +12,9 @@ from qlora_ref.train.pretrain import (
     default_base_model_path, default_config, load_base_model, pretrain, save_base_model,
 )
 from qlora_ref.train.tasks import (
-    DEFAULT_FINETUNE_TASK, EOS, FINETUNE_TASKS, PAD_ID, PRETRAIN_TASKS, TASKS, VOCAB,
-    decode, encode, evaluate, get_task, held_out, make_batch,
+    DEFAULT_FINETUNE_TASK, EOS, EVAL_SIZE, FINETUNE_DIGITS, FINETUNE_TASKS, PAD_ID,
+    PRETRAIN_DIGITS, PRETRAIN_TASKS, TASKS, VOCAB, decode, encode, evaluate, evaluate_pairs,
+    get_task, held_out, make_batch, validation_set,
 )
 
 TINY = GPTConfig(vocab_size=len(VOCAB), block_size=32, n_layer=2, n_head=2, n_embd=16)
@@ -159,6 +160,34 @@ def test_held_out_prompts_never_appear_in_training_batches(name):
     assert not train & evaluation
 
 
+@pytest.mark.parametrize("name, lengths", [*((t, PRETRAIN_DIGITS) for t in PRETRAIN_TASKS),
+                                           ("sort", FINETUNE_DIGITS), ("dedup", FINETUNE_DIGITS)])
+def test_inputs_have_their_family_s_digit_counts_and_every_count_occurs(name, lengths):
+    # the base is pretrained on 3-8 digits, the fine-tune tasks use 3-6 (tasks.py, note on lengths)
+    assert PRETRAIN_DIGITS == (3, 8) and FINETUNE_DIGITS == (3, 6)
+    rng = np.random.default_rng(1)
+    counts = {len(get_task(name)(rng)[0]) - 2 for _ in range(600)}  # prompt = letter digits "="
+    assert counts == set(range(lengths[0], lengths[1] + 1)), (name, sorted(counts))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_the_validation_split_is_disjoint_from_the_test_examples(name):
+    test = held_out(name, EVAL_SIZE - 200)
+    validation = validation_set(name, 200)
+    assert len(validation) == 200 and not {p for p, _ in test} & {p for p, _ in validation}
+    assert validation == held_out(name)[-200:]  # fixed: the last examples of the held-out set
+    with pytest.raises(ValueError, match="n must be"):
+        validation_set(name, EVAL_SIZE + 1)
+
+
+def test_evaluate_is_evaluate_pairs_on_the_held_out_examples():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    assert evaluate(model, "sort", n=20) == evaluate_pairs(model, held_out("sort", 20))
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_pairs(model, [])
+
+
 # ---------------------------------------------------------------- base model
 
 
@@ -204,7 +233,7 @@ def test_shipped_base_model_loads_bit_exactly(base):
 
 @pytest.mark.parametrize("name", PRETRAIN_TASKS)
 def test_base_model_solves_its_pretraining_tasks(base, name):
-    # chance of guessing 3-6 digits exactly is at most 1e-3
+    # chance of guessing 3-8 digits exactly is at most 1e-3
     result = evaluate(base, name, n=200)
     assert result["accuracy"] >= 0.95, f"{name}: accuracy {result['accuracy']:.3f} < 0.95"
 

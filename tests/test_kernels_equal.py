@@ -294,3 +294,116 @@ def test_dequantize_4bit_to_bfloat16_uses_the_kernel_and_matches_torch(n, seed, 
     np.testing.assert_array_equal(bits(fast), bits(ref))
     f32 = qlora_ref.dequantize_4bit(state, dtype="float32", backend="numpy")
     np.testing.assert_array_equal(bits(fast), _bf16_bits(f32))
+
+
+# -- the vector paths of the dequantize kernels (qlora_ref/_kernels/lookup16.h) ---------------
+#
+# The kernels pick, at run time, the widest path the CPU has. Each path copies entries
+# of the same 16-value table (the same float32 products, rounded to bfloat16 by the same
+# integer rule), so every path must write the same bytes. Each path this host can run is
+# tested here; "portable" runs everywhere.
+
+@pytest.fixture(scope="module")
+def each_simd_level():
+    """The paths this host can run; the path in use is restored after the module's tests."""
+    k = _kernels()
+    before = k.simd_level()
+    yield k.simd_levels()
+    k.set_simd_level(before)
+
+
+def test_the_portable_path_is_always_available_and_the_best_is_the_default():
+    k = _kernels()
+    levels = k.simd_levels()
+    assert levels[0] == "portable" and set(levels) <= set(k.SIMD_LEVELS)
+    assert qlora_ref.backend.simd_level() in levels
+    with pytest.raises(ValueError, match="not available"):
+        k.set_simd_level("sse9")
+
+
+@given(n=st.integers(1, 9000), seed=st.integers(0, 2**32 - 1),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from(BLOCKSIZES),
+       double_quant=st.booleans(), num_threads=THREADS)
+def test_every_vector_path_writes_the_bytes_of_the_numpy_reference(
+        each_simd_level, n, seed, quant_type, blocksize, double_quant, num_threads):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.float32(10.0) ** rng.integers(-20, 20)).astype(np.float32)
+    x[rng.random(n) < 0.05] = 0.0
+    state = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant, backend="numpy")
+    want32 = qlora_ref.dequantize_4bit(state, backend="numpy")                   # (n,) float32
+    want16 = torch.from_numpy(want32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    for level in each_simd_level:
+        _kernels().set_simd_level(level)
+        got32 = np.empty(n, np.float32)
+        got16 = np.empty(n, np.uint16)
+        qlora_ref.fourbit.run_dequantize_kernel(state, got32, num_threads)
+        qlora_ref.fourbit.run_dequantize_kernel(state, got16, num_threads)
+        assert got32.tobytes() == want32.tobytes(), f"{level}: float32 bytes differ"
+        assert got16.tobytes() == want16.tobytes(), f"{level}: bfloat16 bits differ"
+
+
+def test_the_environment_variable_chooses_the_path(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import qlora_ref.backend as b; b.kernels(); print(b.simd_level())"
+    for level in _kernels().simd_levels():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**__import__("os").environ, "QLORA_REF_SIMD": level}, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == level, out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "QLORA_REF_SIMD": "sse9"}, timeout=60)
+    assert out.returncode != 0 and "QLORA_REF_SIMD" in out.stderr and "sse9" in out.stderr
+
+
+# -- the fused matrix-vector product for decoding (qlora_ref/_kernels/gemv4.h) ----------------
+#
+# gemv_4bit computes y = x W^T from the packed codes without forming W. Every weight it
+# multiplies is the float32 product code[q] * absmax[b] that dequantize writes, so the only
+# difference from x @ dequantize(W).T is the order of the float32 sums. The bound is the
+# textbook one for a dot product of length n summed in any order (Higham, Accuracy and
+# Stability of Numerical Algorithms, eq. 3.5, with the FMA's single rounding included):
+#     |y - x.w| <= gamma_n * sum_i |x_i| |w_i|,   gamma_n = n u / (1 - n u),  u = 2^-24.
+
+def _gamma(n):
+    u = 2.0 ** -24
+    return n * u / (1 - n * u)
+
+
+@given(rows=st.integers(1, 20), out_features=st.integers(1, 70),
+       in_blocks=st.integers(1, 6), partial=st.sampled_from([0, 2, 7]),
+       blocksize=st.sampled_from([32, 64, 128]), quant_type=st.sampled_from(["nf4", "fp4"]),
+       seed=st.integers(0, 2**32 - 1), num_threads=THREADS)
+def test_gemv_equals_dequantize_then_matmul_within_the_summation_bound(
+        each_simd_level, rows, out_features, in_blocks, partial, blocksize, quant_type, seed,
+        num_threads):
+    rng = np.random.default_rng(seed)
+    in_features = in_blocks * blocksize + partial         # partial > 0: rows split blocks
+    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    state = qlora_ref.quantize_4bit(w, quant_type, blocksize, double_quant=False, backend="numpy")
+    w_hat = qlora_ref.dequantize_4bit(state, backend="numpy").astype(np.float64)  # (out, in)
+    x = (rng.standard_normal((rows, in_features)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+    exact = x.astype(np.float64) @ w_hat.T                                       # (rows, out)
+    bound = _gamma(in_features) * (np.abs(x.astype(np.float64)) @ np.abs(w_hat).T)
+    for level in each_simd_level:
+        _kernels().set_simd_level(level)
+        y = np.full((rows, out_features), np.nan, np.float32)
+        _kernels().gemv_4bit(state.packed, state.absmax, state.code, blocksize, x, y,
+                             num_threads)
+        assert np.all(np.abs(y - exact) <= bound), (
+            f"{level}: max error {np.abs(y - exact).max():.3g} over the bound")
+
+
+def test_gemv_names_what_is_wrong_with_its_arguments():
+    k = _kernels()
+    state = qlora_ref.quantize_4bit(np.ones((4, 64), np.float32), "nf4", 64, double_quant=False)
+    args = (state.packed, state.absmax, state.code, 64)
+    with pytest.raises(ValueError, match="y: expected 1 rows"):
+        k.gemv_4bit(*args, np.ones((1, 64), np.float32), np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="packed has length"):   # W is (5, 64), not (4, 64)
+        k.gemv_4bit(*args, np.ones((1, 64), np.float32), np.empty((1, 5), np.float32))
+    with pytest.raises(ValueError, match="absmax has length"):
+        k.gemv_4bit(state.packed, state.absmax[:-1], state.code, 64,
+                    np.ones((1, 64), np.float32), np.empty((1, 4), np.float32))

@@ -2,7 +2,8 @@
 
 Figures from Dettmers et al. (2023), QLoRA: 0.5 -> 0.127 bits of constants
 (0.373 saved) in "Double Quantization"; ">780 GB" for 16-bit fine-tuning of a
-65B model and "a single 48GB GPU" for QLoRA of the same model.
+65B model and "a single 48GB GPU" for QLoRA of the same model. Activations
+(batch size, sequence length, gradient checkpointing) as in the paper's Figure 6.
 """
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlora_ref.memory import (
-    LLAMA_65B, bits_per_param, finetune_memory, format_bytes, generic_lora_param_count,
-    lora_param_count, memory_table, quantized_nbytes,
+    LLAMA_65B, LLAMA_SHAPES, DecoderShape, activation_memory, bits_per_param, finetune_memory,
+    format_bytes, generic_lora_param_count, lora_param_count, memory_table, quantized_nbytes,
 )
 
 powers_of_two = st.integers(0, 12).map(lambda e: 2**e)
@@ -215,6 +216,109 @@ def test_format_bytes_uses_decimal_gb_and_binary_gib():
     assert format_bytes(2**30, "GiB") == "1.00 GiB"
 
 
+# ----------------------------------------------------------------------------- model shapes
+def test_llama_65b_shape_agrees_with_the_lora_preset_and_the_parameter_count():
+    shape = LLAMA_SHAPES["llama-65b"]
+    assert shape.n_params == LLAMA_65B_N_PARAMS
+    assert shape.lora_params(64) == lora_param_count(**LLAMA_65B, r=64) == LLAMA_65B_LORA
+
+
+@pytest.mark.parametrize("name, billions", [("llama-7b", 6.7), ("llama-13b", 13.0),
+                                            ("llama-33b", 32.5), ("llama-65b", 65.3)])
+def test_llama_shapes_have_the_published_parameter_counts(name, billions):
+    # Touvron et al. (2023) report 6.7B, 13.0B, 32.5B and 65.2B; the 65B count
+    # from its shapes rounds to 65.3B (their table truncates).
+    assert round(LLAMA_SHAPES[name].n_params / 1e9, 1) == billions
+
+
+@pytest.mark.slow  # importing transformers takes seconds
+def test_decoder_shape_params_match_transformers_llama():
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=3,
+                                      num_attention_heads=4, vocab_size=50, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    shape = DecoderShape(hidden_size=32, intermediate_size=88, n_layers=3, n_heads=4, vocab_size=50)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- activations
+TINY = DecoderShape(hidden_size=8, intermediate_size=16, n_layers=3, n_heads=2, vocab_size=10)
+shapes = st.builds(DecoderShape, hidden_size=st.integers(1, 64).map(lambda k: 4 * k),
+                   intermediate_size=st.integers(1, 512), n_layers=st.integers(1, 100),
+                   n_heads=st.just(4), vocab_size=st.integers(1, 10**5))
+
+
+def test_activations_by_hand_for_a_tiny_decoder():
+    h, i, L, V, s, b, d = 8, 16, 3, 10, 5, 2, 2
+    tokens = s * b
+    # per layer: q/k/v input, o input, gate/up input, down input; 2 norm inputs;
+    # Q, K, V; gate and up outputs
+    layer = (h + h + h + i) + 2 * h + 3 * h + 2 * i
+    full = activation_memory(TINY, seq_len=s, batch_size=b, dtype_bytes=d)
+    assert full.total_bytes == tokens * d * (L * layer + h + V)
+    ckpt = activation_memory(TINY, seq_len=s, batch_size=b, dtype_bytes=d, gradient_checkpointing=True)
+    assert ckpt["checkpoints (layer inputs)"] == L * tokens * h * d
+    assert ckpt["saved by the decoder layers"] == tokens * layer * d  # one layer at a time
+    assert ckpt.total_bytes == tokens * d * (L * h + layer + h + V)
+    linear = activation_memory(TINY, seq_len=s, batch_size=b, dtype_bytes=d, linear_inputs_only=True)
+    assert linear.total_bytes == tokens * d * (L * (3 * h + i) + h)
+
+
+@given(shape=shapes, seq_len=st.integers(1, 4096), batch_size=st.integers(1, 64),
+       checkpointing=st.booleans(), linear=st.booleans(), dtype_bytes=st.sampled_from([2, 4]))
+def test_activations_grow_linearly_in_batch_times_seq_len(shape, seq_len, batch_size, checkpointing,
+                                                          linear, dtype_bytes):
+    options = dict(gradient_checkpointing=checkpointing, linear_inputs_only=linear, dtype_bytes=dtype_bytes)
+    one_token = activation_memory(shape, 1, 1, **options).total_bytes
+    assert activation_memory(shape, seq_len, batch_size, **options).total_bytes == (
+        seq_len * batch_size * one_token)
+    assert activation_memory(shape, seq_len, batch_size, **options) == (
+        activation_memory(shape, seq_len * batch_size, 1, **options))
+
+
+@given(shape=shapes.filter(lambda s: s.n_layers >= 2), seq_len=st.integers(1, 4096),
+       linear=st.booleans())
+def test_gradient_checkpointing_reduces_activations_of_two_or_more_layers(shape, seq_len, linear):
+    without = activation_memory(shape, seq_len, linear_inputs_only=linear).total_bytes
+    with_ckpt = activation_memory(shape, seq_len, linear_inputs_only=linear,
+                                  gradient_checkpointing=True).total_bytes
+    assert with_ckpt < without
+
+
+def test_checkpointing_a_single_layer_only_adds_its_input():
+    one = DecoderShape(hidden_size=8, intermediate_size=16, n_layers=1, n_heads=2, vocab_size=10)
+    without = activation_memory(one, 7).total_bytes
+    assert activation_memory(one, 7, gradient_checkpointing=True).total_bytes == without + 7 * 8 * 2
+
+
+def test_no_sequence_length_means_zero_activations_and_todays_table():
+    assert activation_memory(TINY, None).total_bytes == 0
+    llama = LLAMA_SHAPES["llama-65b"]
+    plain = finetune_memory(llama.n_params, lora_params=LLAMA_65B_LORA)
+    assert finetune_memory(llama.n_params, lora_params=LLAMA_65B_LORA, shape=llama) == plain
+    assert plain["activations"] == 0
+
+
+def test_finetune_memory_adds_the_estimate_to_every_method():
+    llama = LLAMA_SHAPES["llama-7b"]
+    acts = activation_memory(llama, 512, gradient_checkpointing=True).total_bytes
+    table = memory_table(llama.n_params, lora_params=llama.lora_params(64), shape=llama,
+                         seq_len=512, gradient_checkpointing=True)
+    plain = memory_table(llama.n_params, lora_params=llama.lora_params(64))
+    for method in ("full", "lora", "qlora"):
+        assert table[method]["activations"] == acts
+        assert table[method].total_bytes == plain[method].total_bytes + acts
+    assert "1 layer recomputed at a time" in str(table["qlora"])
+
+
+def test_qlora_of_llama_65b_with_the_papers_batch_still_fits_48_gb():
+    llama = LLAMA_SHAPES["llama-65b"]
+    table = finetune_memory(llama.n_params, lora_params=llama.lora_params(64), shape=llama,
+                            seq_len=512, batch_size=1, gradient_checkpointing=True)
+    assert table.total_bytes < 48e9, format_bytes(table.total_bytes)
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("call, name", [
     (lambda: bits_per_param(blocksize=0), "blocksize"),
@@ -241,6 +345,15 @@ def test_format_bytes_uses_decimal_gb_and_binary_gib():
     (lambda: lora_param_count(hidden_size=0, intermediate_size=1, n_layers=1), "hidden_size"),
     (lambda: generic_lora_param_count(10**9, fraction=0), "fraction"),
     (lambda: format_bytes(1, unit="gb"), "unit"),
+    (lambda: activation_memory(TINY, 0), "seq_len"),
+    (lambda: activation_memory(TINY, 512.5), "seq_len"),
+    (lambda: activation_memory(TINY, 512, batch_size=0), "batch_size"),
+    (lambda: activation_memory(TINY, 512, dtype_bytes=0), "dtype_bytes"),
+    (lambda: activation_memory(LLAMA_65B, 512), "shape"),
+    (lambda: finetune_memory(10**9, seq_len=512), "shape"),
+    (lambda: finetune_memory(10**9, shape=TINY, seq_len=512, activation_bytes=5), "activation_bytes"),
+    (lambda: DecoderShape(hidden_size=10, intermediate_size=1, n_layers=1, n_heads=3), "hidden_size"),
+    (lambda: DecoderShape(hidden_size=8, intermediate_size=1, n_layers=0, n_heads=2), "n_layers"),
 ])
 def test_invalid_inputs_raise_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf"^{name} "):

@@ -164,3 +164,137 @@ def test_options_that_change_the_formula_are_refused(llama, tmp_path):
         qlora_ref.load_adapter(model, tmp_path / "missing")
     with pytest.raises(ValueError, match="no LoRALinear layers"):
         qlora_ref.save_adapter(torch.nn.Linear(2, 2), tmp_path)
+
+
+# ------------------------------------------------ PEFT's auto classes, the recorded base, GPT-2
+@pytest.fixture(scope="module")
+def llama_dir(llama, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(directory)
+    return directory
+
+
+def test_auto_peft_model_opens_our_adapter_with_its_base(llama_dir, tokens, tmp_path):
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ours = qlora_ref.prepare_model(base, r=4, lora_alpha=8, quant_type=None)
+    randomize_adapters(ours)
+    qlora_ref.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == str(llama_dir)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(theirs, tokens), logits(ours, tokens))
+
+
+def test_task_type_follows_the_transformers_class_and_an_argument_overrides(llama, tmp_path):
+    assert qlora_ref.nn.adapters.task_type_of(llama) == "CAUSAL_LM"
+    assert qlora_ref.nn.adapters.task_type_of(llama.model) == "FEATURE_EXTRACTION"
+    assert qlora_ref.nn.adapters.task_type_of(torch.nn.Linear(2, 2)) is None
+    model = qlora_ref.prepare_model(copy.deepcopy(llama), r=2, target_modules=["q_proj"],
+                                    quant_type=None)
+    qlora_ref.save_adapter(model, tmp_path, base_model_name_or_path="org/base", task_type=None)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["base_model_name_or_path"] == "org/base"
+    with pytest.raises(ValueError, match="task_type must be None or one of PEFT's"):
+        qlora_ref.save_adapter(model, tmp_path, task_type="CAUSAL")
+
+
+@pytest.mark.parametrize("prepare", [dict(quant_type="nf4"),
+                                     dict(quant_type="fp4", double_quant=False, blocksize=128),
+                                     dict(quant_bits=8), dict(quant_type=None)])
+def test_load_adapter_rebuilds_the_recorded_base(llama, tokens, tmp_path, prepare):
+    saved = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, **prepare)
+    randomize_adapters(saved)
+    qlora_ref.save_adapter(saved, tmp_path)
+    loaded = qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path)  # no base arguments
+    assert torch.equal(logits(loaded, tokens), logits(saved, tokens))
+    record = qlora_ref.nn.adapters.read_base_record(tmp_path / "adapter_model.safetensors")
+    assert record["quant_bits"] == {None: 16}.get(prepare.get("quant_type", 4),
+                                                   prepare.get("quant_bits", 4))
+    # PEFT ignores the record: it opens the adapter as any other
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path)
+    assert len([m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]) == 14
+
+
+def test_explicit_base_arguments_override_the_record(llama, tmp_path):
+    saved = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["q_proj"],
+                                    quant_type="nf4")
+    qlora_ref.save_adapter(saved, tmp_path)
+    sixteen = qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path, quant_type=None)
+    assert isinstance(sixteen.model.layers[0].self_attn.q_proj.base_layer, torch.nn.Linear)
+    bf16 = qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path, compute_dtype=torch.bfloat16)
+    base = bf16.model.layers[0].self_attn.q_proj.base_layer
+    assert (base.quant_type, base.compute_dtype) == ("nf4", torch.bfloat16)
+
+
+def write_record(directory, text):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    save_file(load_file(path), path, metadata={"format": "pt", "qlora_ref.base": text})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[4]", "must be a JSON object"),
+    ('{"quant_bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": true, "x": 1}',
+     r"unknown fields \['x'\]"),
+    ('{"quant_bits": 3}', "quant_bits must be 4, 8 or 16"),
+    ('{"quant_bits": true}', "quant_bits must be 4, 8 or 16"),
+    ('{"quant_bits": 4, "quant_type": "nf5", "blocksize": 64, "double_quant": true}',
+     "quant_type must be one of"),
+    ('{"quant_bits": 4, "quant_type": "nf4", "blocksize": "64", "double_quant": true}',
+     "blocksize must be a positive integer"),
+    ('{"quant_bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": 1}',
+     "double_quant must be true or false"),
+    ('{"quant_bits": 8, "blocksize": 256, "compute_dtype": "int8"}', "compute_dtype must be"),
+    ('{"quant_bits": 4, "quant_type": "nf4"}', r"needs \['blocksize', 'double_quant'\]"),
+    ('{"blocksize": 64}', "has no quant_bits"),
+])
+def test_a_hostile_base_record_is_a_value_error_naming_the_field(llama, tmp_path, text, message):
+    saved = qlora_ref.prepare_model(copy.deepcopy(llama), r=2, target_modules=["q_proj"])
+    qlora_ref.save_adapter(saved, tmp_path)
+    write_record(tmp_path, text)
+    with pytest.raises(ValueError, match="qlora_ref.base.*" + message):
+        qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path)
+
+
+def test_fan_in_fan_out_must_describe_the_layers(llama, tmp_path):
+    model = qlora_ref.prepare_model(copy.deepcopy(llama), r=2, target_modules=["q_proj"],
+                                    quant_type=None)
+    qlora_ref.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.raises(ValueError, match="fan_in_fan_out=True but the layers .* are nn.Linear"):
+        qlora_ref.load_adapter(copy.deepcopy(llama), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_adapters_are_fan_in_fan_out_both_ways(gpt2, tokens, tmp_path):
+    ours = qlora_ref.prepare_model(copy.deepcopy(gpt2), r=4, lora_alpha=8, quant_type=None)
+    randomize_adapters(ours)
+    qlora_ref.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs, tokens), logits(ours, tokens), **TOL)
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=True,
+                             init_lora_weights=False)
+    torch.manual_seed(6)
+    peft_model = peft.get_peft_model(copy.deepcopy(gpt2), config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = qlora_ref.load_adapter(copy.deepcopy(gpt2), tmp_path / "peft")
+    assert all(m.fan_in_fan_out for m in loaded.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(logits(loaded, tokens), logits(peft_model, tokens), **TOL)
+    llama_like = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(
+        json.dumps({**llama_like, "fan_in_fan_out": False}))
+    with pytest.raises(ValueError, match="fan_in_fan_out=False but the layers .* Conv1D"):
+        qlora_ref.load_adapter(copy.deepcopy(gpt2), tmp_path / "peft")

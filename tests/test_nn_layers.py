@@ -45,10 +45,13 @@ def test_linear4bit_holds_the_bytes_of_quantize_4bit(quant_type, double_quant):
 
 def test_linear4bit_state_dict_round_trips_the_packed_bytes_exactly():
     layer = Linear4bit.from_linear(make_linear())
-    sd = layer.state_dict()
-    assert set(sd) == {"bias", "packed", "absmax", "code", "nested_absmax", "nested_code",
-                       "offset", "_extra_state"}
-    assert sd["packed"].dtype == torch.uint8 and sd["absmax"].dtype == torch.uint8
+    sd = layer.state_dict()  # bitsandbytes' Linear4bit entries (tests/test_hf_checkpoints.py)
+    assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map",
+                       "weight.nested_absmax", "weight.nested_quant_map",
+                       "weight.quant_state.bitsandbytes__nf4"}
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd["weight"].dtype == torch.uint8 and sd["weight.absmax"].dtype == torch.uint8
+    assert torch.equal(sd["weight"].reshape(-1), layer.packed)
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     buffer.seek(0)
@@ -73,11 +76,15 @@ def test_loading_a_state_dict_of_another_format_is_a_value_error():
                                   lambda m: m.to("cpu", torch.float16)])
 def test_to_moves_the_layer_but_never_changes_the_stored_weight(cast):
     layer = Linear4bit.from_linear(make_linear())
-    before = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = {k: v.clone() for k, v in layer.named_buffers()}
+    saved = layer.state_dict()
     cast(layer)
     for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
         after = getattr(layer, name)
         assert after.dtype == before[name].dtype and torch.equal(after, before[name]), name
+    for key, tensor in layer.state_dict().items():  # and it saves the same bytes
+        if key != "bias":
+            assert torch.equal(tensor, saved[key]), key
     dtype = layer.bias.dtype  # the frozen bias follows the cast
     out = layer(torch.randn(2, 48, dtype=dtype))
     assert out.dtype == dtype
@@ -275,15 +282,14 @@ def _lora_layer_4bit():
     return qlora_ref.prepare_model(torch.nn.Sequential(torch.nn.Linear(64, 32)), r=4)[0]
 
 
-@pytest.mark.skipif(not qlora_ref.cython_available(), reason="the Cython extension is not built")
-def test_a_forward_reaches_the_kernel_in_at_most_four_hops():
-    """LoRALinear.forward -> QLoRAMatmul.forward -> Linear4bit.dequantize -> run_dequantize_kernel -> kernel."""
+def _chain_to(layer, x, callee, grad):
+    """qlora_ref functions between ``LoRALinear.forward`` and the first call of ``callee``."""
     import sys
-    layer, x, chains = _lora_layer_4bit(), torch.randn(2, 64), []
+    chains = []
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == "run_dequantize_kernel":
-            names, f = [], frame                  # run_dequantize_kernel calls the kernel itself
+        if event == "call" and frame.f_code.co_name == callee and not chains:
+            names, f = [], frame
             while f is not None and f.f_code.co_qualname != "LoRALinear.forward":
                 if "qlora_ref" in f.f_code.co_filename:
                     names.append(f.f_code.co_qualname)
@@ -292,13 +298,37 @@ def test_a_forward_reaches_the_kernel_in_at_most_four_hops():
 
     sys.setprofile(profile)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             layer(x)
     finally:
         sys.setprofile(None)
-    assert chains, "the forward did not reach the Cython kernel's caller"
-    hops = len(chains[0]) + 1  # the qlora_ref functions between the layer and the kernel, + the call
-    assert hops <= 4, f"{hops} hops from LoRALinear.forward to the kernel: {chains[0]}"
+    assert chains, f"the forward did not reach {callee}"
+    return chains[0]
+
+
+@pytest.mark.skipif(not qlora_ref.cython_available(), reason="the Cython extension is not built")
+def test_a_forward_reaches_the_kernel_in_at_most_four_hops():
+    """Training: LoRALinear.forward -> QLoRAMatmul.forward -> Linear4bit.dequantize -> run_dequantize_kernel -> kernel."""
+    chain = _chain_to(_lora_layer_4bit(), torch.randn(2, 64), "run_dequantize_kernel", grad=True)
+    hops = len(chain) + 1  # the qlora_ref functions between the layer and the kernel, + the call
+    assert hops <= 4, f"{hops} hops from LoRALinear.forward to the kernel: {chain}"
+
+
+@pytest.mark.skipif(not qlora_ref.cython_available()
+                    or qlora_ref.backend.simd_level() == "portable",
+                    reason="the fused kernel needs the extension and an AVX2/AVX-512 CPU")
+def test_generation_multiplies_straight_from_the_codes_in_three_hops():
+    """No grad, few rows: LoRALinear.forward -> qlora_inference -> Linear4bit.matmul_few_rows -> gemv_4bit."""
+    layer, x = _lora_layer_4bit(), torch.randn(2, 64)
+    chain = _chain_to(layer, x, "matmul_few_rows", grad=False)
+    assert [name.split(".")[-1] for name in chain] == ["qlora_inference", "matmul_few_rows"], chain
+    with torch.no_grad():
+        fused = layer(x)
+    training = layer(x)                                   # grad enabled: dequantize + F.linear
+    w = layer.base_layer.dequantize(torch.float64)        # (out, in), the stored weight
+    magnitude = x.abs().double() @ w.abs().T + layer.base_layer.bias.abs().double()
+    bound = 66 * 2.0 ** -24 * magnitude                   # float32 sums of 64 + bias + adapter
+    assert torch.all((fused.double() - training.double()).abs() <= 2 * bound)
 
 
 def test_the_base_is_checked_once_and_again_after_any_change(monkeypatch):

@@ -5,6 +5,10 @@ rounding; merging into the original 16-bit W brings back the quantization
 error, and re-quantizing the merged weight adds a fresh one. The adapters
 here are random with ||dW|| about 5 % of ||W|| (typical of fine-tuning),
 while NF4's error is about 9 % of ||W||.
+
+"requantize" is PEFT's merge on a bitsandbytes 4-bit base, quantized once:
+checked byte for byte against ``PeftModel.merge_and_unload`` on a model that
+transformers loaded with ``BitsAndBytesConfig(load_in_4bit=True)``.
 """
 import copy
 
@@ -95,3 +99,98 @@ def test_merge_errors_need_what_they_merge(models):
     with pytest.raises(ValueError, match="16-bit base"):
         merged_weight(sixteen, "requantize")
     assert set(merge_errors(sixteen, torch.randn(3, 8))) == {"dequant"}
+
+
+# ------------------------------------------------ "requantize" is PEFT's merge on bitsandbytes
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny LLaMA saved with save_pretrained: what transformers loads with BitsAndBytesConfig."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def bitsandbytes_4bit(directory, quant_type, double_quant, dtype=torch.float32):
+    """The model as transformers + bitsandbytes load it in 4 bits (on CPU)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                             bnb_4bit_use_double_quant=double_quant,
+                                             bnb_4bit_compute_dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=config, device_map="cpu", dtype=dtype)
+
+
+def stored(module) -> dict:
+    """The stored bytes of ours or a bitsandbytes Linear4bit, under our buffer names."""
+    if isinstance(module, Linear4bit):
+        return {"packed": module.packed, "absmax": module.absmax,
+                "nested_absmax": module.nested_absmax,
+                "offset": None if module.offset is None else module.offset.reshape(())}
+    qs = module.weight.quant_state
+    nested = qs.state2 is not None
+    return {"packed": module.weight.data.reshape(-1), "absmax": qs.absmax,
+            "nested_absmax": qs.state2.absmax if nested else None,
+            "offset": torch.as_tensor(qs.offset, dtype=torch.float32).reshape(()) if nested
+            else None}
+
+
+@pytest.mark.filterwarnings("ignore:Merge lora module to 4-bit linear")
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+@pytest.mark.parametrize("quant_type, double_quant, dtype", [
+    ("nf4", False, torch.float32), ("fp4", False, torch.float32), ("nf4", True, torch.float32),
+    ("fp4", True, torch.float32), ("nf4", False, torch.bfloat16)])
+def test_requantize_merge_has_the_bytes_of_peft_merge_on_bitsandbytes(llama_dir, tmp_path,
+                                                                      quant_type, double_quant,
+                                                                      dtype):
+    """PEFT's merge_and_unload on a bitsandbytes 4-bit model and ours over the same bytes.
+
+    Our base imports bitsandbytes' layers (same bytes). The 4-bit codes of the
+    merged weights must be equal. Without double quantization the float32
+    absmax too; with it, bitsandbytes' CPU path takes the offset as a float32
+    mean in torch's order and picks 8-bit codes through a lookup
+    (tests/test_bitsandbytes_parity.py, module docstring): its offset must lie
+    within the float32 summation bound of ours. A bfloat16 model is
+    dequantized to bfloat16 before the float32 sum, as PEFT does.
+    """
+    peft = pytest.importorskip("peft")
+    base = bitsandbytes_4bit(llama_dir, quant_type, double_quant, dtype)
+    ours = copy.deepcopy(base)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(base, lora)
+    theirs.save_pretrained(tmp_path)
+    ours = qlora_ref.load_adapter(ours, tmp_path, quant_type=quant_type, double_quant=double_quant)
+    names = [n for n, m in ours.named_modules() if isinstance(m, LoRALinear)]
+    assert len(names) == 2 * 7
+    for name in names:  # the same base to start from
+        before = stored(theirs.base_model.model.get_submodule(name).get_base_layer())
+        for what, value in stored(ours.get_submodule(name).base_layer).items():
+            assert (value is None and before[what] is None) or torch.equal(value, before[what])
+    merged_theirs = theirs.merge_and_unload()
+    merged_ours = qlora_ref.merge_and_unload(ours, "requantize")
+    for name in names:
+        a, b = stored(merged_ours.get_submodule(name)), stored(merged_theirs.get_submodule(name))
+        assert torch.equal(a["packed"], b["packed"]), \
+            f"{name}: {(a['packed'] != b['packed']).sum()} of {a['packed'].numel()} bytes differ"
+        if not double_quant:
+            assert torch.equal(a["absmax"], b["absmax"]), name
+            continue
+        n = a["absmax"].numel()  # float32 summation bound of a mean of n positive numbers
+        bound = n * 2.0 ** -24 * float(a["offset"])
+        assert abs(float(a["offset"]) - float(b["offset"])) <= bound, name
+
+
+def test_requantize_quantizes_once(models):
+    _, model, _ = models
+    layer = model[2]
+    merged = merge_lora(layer, "requantize")
+    once = qlora_ref.quantize_4bit(layer.base_layer.dequantize(torch.float32)
+                                   + layer.delta_weight(torch.float32).detach())
+    assert torch.equal(merged.packed, torch.from_numpy(once.packed))
+    assert torch.equal(merged.dequantize(torch.float32), merged_weight(layer, "requantize"))

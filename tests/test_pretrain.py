@@ -9,8 +9,9 @@ and check what the full run relies on:
 * the number of torch CPU threads is one of those settings (float32 sums are
   split per thread), so the command fixes it (``--threads 2``), whatever the
   process had before, and gives the process its thread count back;
-* ``qlora-ref pretrain`` and ``python -m qlora_ref.train.pretrain`` are one
-  parser, with the defaults of the run that made the shipped file.
+* ``qlora-ref pretrain`` and ``python -m qlora_ref.train.pretrain`` have one
+  set of flags (``add_arguments``), with the defaults of the run that made
+  the shipped file.
 """
 import inspect
 import os
@@ -30,7 +31,7 @@ from qlora_ref.train.pretrain import default_base_model_path, default_config, pr
 # the settings that made the shipped file (qlora_ref/assets/README.md, "How it was made"), as
 # the parser holds them: --seed and --device are shared by every subcommand, and None means 0
 # and the CPU; --output None means runs/pretrain/base_model.safetensors
-SHIPPED = dict(steps=2000, batch_size=64, lr=2e-3, seed=None, threads=2, isa="avx2", device=None,
+SHIPPED = dict(steps=3000, batch_size=64, lr=2e-3, seed=None, threads=2, isa="avx2", device=None,
                output=None)
 
 SHORT = dict(steps=3, batch_size=8, seed=0, progress=False)  # the shipped model's size, 3 steps
@@ -86,28 +87,51 @@ def test_pretrain_refuses_a_bad_thread_count():
             pretrain(**SHORT, num_threads=bad)
 
 
-def test_both_entry_points_are_one_parser_with_the_shipped_defaults(capsys):
-    args = vars(build_parser().parse_args(["pretrain"]))
-    assert {k: args[k] for k in SHIPPED} == SHIPPED
+def test_both_entry_points_have_one_set_of_flags_with_the_shipped_defaults(capsys):
+    cli_args = vars(build_parser().parse_args(["pretrain"]))
+    assert {k: cli_args[k] for k in SHIPPED} == SHIPPED
+    # python -m qlora_ref.train.pretrain: the same flags and defaults (its --seed is 0 outright,
+    # the CLI's None is 0 after apply_defaults)
+    module_args = vars(pretrain_module.build_parser().parse_args([]))
+    cli_own = {k: v for k, v in cli_args.items() if k not in ("command", "func")}
+    assert module_args == {**cli_own, "seed": 0}
     # the library function agrees where the two share a setting
     signature = inspect.signature(pretrain).parameters
     for name in ("steps", "batch_size", "lr"):
         assert signature[name].default == SHIPPED[name], name
     assert signature["seed"].default == 0 and signature["device"].default == "cpu"
-    # python -m qlora_ref.train.pretrain runs the same parser: the same help, flag for flag
     helps = []
     for entry in (lambda: cli_main(["pretrain", "--help"]), lambda: pretrain_module.main(["--help"])):
         with pytest.raises(SystemExit) as exit_:
             entry()
         assert exit_.value.code == 0
         helps.append(capsys.readouterr().out)
-    assert helps[0] == helps[1]
     for flag in ("--steps", "--batch-size", "--lr", "--seed", "--threads", "--isa", "--device",
                  "--output"):
-        assert flag in helps[0], flag
+        assert all(flag in h for h in helps), flag
 
 
-def test_the_module_entry_point_is_the_cli_command(monkeypatch):
+def test_the_module_entry_point_reports_a_bad_output_in_one_line(tmp_path, capsys):
+    inside = default_base_model_path()  # inside the installed package: refused before training
+    assert pretrain_module.main(["--output", str(inside)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "refusing to write" in err
+
+
+def test_the_module_s_own_flags_have_the_shipped_defaults():
+    """``add_arguments`` (which the CLI calls) holds the defaults; the function agrees with it."""
+    import argparse
+
+    args = vars(pretrain_module.add_arguments(argparse.ArgumentParser()).parse_args([]))
+    own = {k: v for k, v in SHIPPED.items() if k not in ("seed", "device")}  # common CLI flags
+    assert args == own
+    assert pretrain_module.DEFAULTS == {**{k: own[k] for k in ("steps", "batch_size", "lr",
+                                                                "threads", "isa")}, "seed": 0}
+    signature = inspect.signature(pretrain).parameters
+    assert all(signature[k].default == own[k] for k in ("steps", "batch_size", "lr"))
+
+
+def test_the_module_entry_point_runs_the_command(monkeypatch):
     seen = []
     monkeypatch.setattr(pretrain_module, "run", lambda args: seen.append(vars(args)) or 0)
     assert pretrain_module.main(["--steps", "7", "--out", "elsewhere.safetensors"]) == 0

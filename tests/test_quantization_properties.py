@@ -25,7 +25,9 @@ def arrays(max_side=300):
     """Finite float32 arrays of 1 to ~600 elements with varied magnitudes and exact zeros.
 
     Subnormal inputs are left out: a block whose absmax is below 1e-38 is
-    quantized to zeros on purpose (see ``test_blocks_below_1e38_quantize_to_zero``).
+    scaled by the clamped 1e38 instead of 1/absmax, as bitsandbytes does, so its
+    error bound is the block's absmax itself, not half a code step (see
+    ``test_blocks_below_1e38_stay_finite_and_within_their_absmax``).
     """
     shape = hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=max_side)
     elements = st.one_of(st.floats(-1e4, 1e4, width=32, allow_subnormal=False), st.just(0.0),

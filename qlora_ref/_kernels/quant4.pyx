@@ -99,6 +99,49 @@ cdef extern from *:
 DEBUG_BUILD = bool(_debug_build())
 
 
+cdef extern from "lookup16.h" nogil:
+    # out[2j], out[2j+1] = code[bytes[j] >> 4] * scale, code[bytes[j] & 15] * scale
+    void lookup16_f32(const u8* bytes, Py_ssize_t n_bytes, const float* code, float scale,
+                      float* out)
+    void lookup16_bf16(const u8* bytes, Py_ssize_t n_bytes, const float* code, float scale,
+                       uint16_t* out)
+    int lookup16_select(int level)
+    int lookup16_level()
+    int lookup16_best()
+
+cdef extern from "gemv4.h" nogil:
+    # y[r, o] = sum_i x[r, i] * code[q(o, i)] * absmax[block of (o, i)]
+    void gemv4(const u8* packed, const float* absmax, const float* code, Py_ssize_t blocksize,
+               const float* x, Py_ssize_t m, Py_ssize_t in_features, Py_ssize_t o_start,
+               Py_ssize_t o_end, float* y, Py_ssize_t out_features)
+
+#: The inner loop of 4-bit dequantization, by name (lookup16.h): every path writes
+#: the same bytes; they differ in how many lookups one instruction does.
+SIMD_LEVELS = ("portable", "avx2", "avx512")
+
+
+def simd_levels():
+    """The paths this CPU and this build can run, slowest first (``"portable"`` always)."""
+    return SIMD_LEVELS[:lookup16_best()]
+
+
+def simd_level():
+    """The path the dequantize kernels use now."""
+    return SIMD_LEVELS[lookup16_level() - 1]
+
+
+def set_simd_level(str name):
+    """Use path ``name`` (one of :func:`simd_levels`, or ``"auto"`` for the best) from now on."""
+    if name != "auto" and name not in simd_levels():
+        raise ValueError(f"simd level {name!r} is not available here; choose from "
+                         f"{simd_levels() + ('auto',)}")
+    lookup16_select(0 if name == "auto" else SIMD_LEVELS.index(name) + 1)
+    return simd_level()
+
+
+lookup16_select(0)  # the best the CPU has, until told otherwise
+
+
 def openmp_enabled():
     """True if this extension was compiled with OpenMP (``prange`` runs in parallel)."""
     return bool(_openmp())
@@ -335,45 +378,20 @@ cdef inline void _dequantize_4bit_block(const u8* packed, const float* code, flo
     """``out[i] = code[q_i] * scale`` for i in [start, end), ``q`` read from the nibbles.
 
     A block has only 16 distinct outputs: they are computed first (the same
-    float32 products, so the same roundings), then each element is a lookup.
+    float32 products, so the same roundings), then each element is a lookup,
+    two per byte, by the path of ``lookup16.h`` chosen for this CPU.
     """
-    cdef float product[16]
-    cdef out_t table[16]
-    cdef Py_ssize_t i
-    cdef int c
-    cdef u8 byte
-    for c in range(16):
-        product[c] = code[c] * scale
-    for c in range(16):
-        if out_t is float:
-            table[c] = product[c]
-        else:
-            table[c] = _bfloat16_bits(product[c])
-    i = start
-    while i + 8 <= end:              # 4 bytes per step: less loop overhead per store
-        byte = packed[i >> 1]
-        out[i] = table[byte >> 4]
-        out[i + 1] = table[byte & 15]
-        byte = packed[(i >> 1) + 1]
-        out[i + 2] = table[byte >> 4]
-        out[i + 3] = table[byte & 15]
-        byte = packed[(i >> 1) + 2]
-        out[i + 4] = table[byte >> 4]
-        out[i + 5] = table[byte & 15]
-        byte = packed[(i >> 1) + 3]
-        out[i + 6] = table[byte >> 4]
-        out[i + 7] = table[byte & 15]
-        i = i + 8
-    while i + 2 <= end:
-        byte = packed[i >> 1]
-        out[i] = table[byte >> 4]
-        out[i + 1] = table[byte & 15]
-        i = i + 2
+    if out_t is float:
+        lookup16_f32(packed + (start >> 1), (end - start) >> 1, code, scale, out + start)
+        if (end - start) % 2:  # an odd tail: its value is the high nibble of the last byte
+            out[end - 1] = code[packed[(end - 1) >> 1] >> 4] * scale
+    else:
+        lookup16_bf16(packed + (start >> 1), (end - start) >> 1, code, scale, out + start)
+        if (end - start) % 2:
+            out[end - 1] = _bfloat16_bits(code[packed[(end - 1) >> 1] >> 4] * scale)
     # start < end and start even: the callers check len(absmax) == ceil(n / blocksize) and an
     # even blocksize (one constant too many made end - start negative, and this line wrote
     # the last output again with that constant's scale)
-    if (end - start) % 2:
-        out[end - 1] = table[packed[(end - 1) >> 1] >> 4]
 
 
 # -- quantization --------------------------------------------------------------
@@ -632,6 +650,47 @@ cdef int _dequantize_4bit_nested(const u8[::1] packed, const u8[::1] absmax_code
         scale = product + offset
         _dequantize_4bit_block(&packed[0], &code[0], scale, start, end, &out[0])
     return 0
+
+
+# -- matrix-vector products straight from the codes ----------------------------
+
+cdef enum:
+    GEMV_ROWS_PER_TASK = 16   # output rows per parallel task
+
+
+def gemv_4bit(const u8[::1] packed,      # in: (out * in / 2,) two codes a byte, row-major W
+              const float[::1] absmax,   # in: (out * in / blocksize,) float32 constants
+              const float[::1] code,     # in: (16,)
+              Py_ssize_t blocksize,
+              const float[:, ::1] x,     # in: (m, in) float32, m small (decoding)
+              float[:, ::1] y,           # out: (m, out) float32
+              int num_threads=1):
+    """``y = x @ dequantize(W).T`` for a few rows of ``x``, never forming ``W`` (see gemv4.h).
+
+    Rows of ``x`` are taken 8 at a time (each group reads the codes again).
+
+    Equals ``x @ dequantize_4bit_packed(packed, absmax, code, blocksize).reshape(out, in).T``
+    up to the order of the float32 sums: every weight is the same float32
+    product ``code[q] * absmax[b]``. ``W`` is ``(out, in)`` and ``y.shape[1] == out``.
+    """
+    cdef Py_ssize_t m = x.shape[0], n_in = x.shape[1], n_out = y.shape[1]
+    cdef Py_ssize_t n_tasks, t, start, end
+    _check_nonempty("x", m * n_in)
+    _check_threads(num_threads)
+    _check_blocksize("blocksize", blocksize, True)
+    _check_code("code", code, 16)
+    if y.shape[0] != m:
+        raise ValueError(f"y: expected {m} rows (one per row of x), got {y.shape[0]}")
+    _check_packed("packed", packed.shape[0], n_out * n_in, "out * in")
+    _check_blocks("absmax", absmax.shape[0], n_out * n_in, "out * in", blocksize, "blocksize")
+    n_tasks = _ceil_div(n_out, GEMV_ROWS_PER_TASK)
+    for t in prange(n_tasks, nogil=True, num_threads=num_threads, schedule="static"):
+        start = t * GEMV_ROWS_PER_TASK
+        end = start + GEMV_ROWS_PER_TASK
+        if end > n_out:
+            end = n_out
+        gemv4(&packed[0], &absmax[0], &code[0], blocksize, &x[0, 0], m, n_in, start, end,
+              &y[0, 0], n_out)
 
 
 # -- packing -------------------------------------------------------------------

@@ -12,6 +12,25 @@
 
 The packed ``quant_state.bitsandbytes__<type>`` entry is JSON encoded as
 UTF-8 bytes in a uint8 tensor (bitsandbytes' ``pack_dict_to_tensor``).
+INT4 is not a bitsandbytes type: its entries have the same layout with the
+metadata under ``quant_state.qlora_ref__int4`` (bitsandbytes cannot read them).
+
+:func:`is_bitsandbytes_linear4bit` and :func:`from_bitsandbytes_linear4bit`
+recognise and read a ``bitsandbytes.nn.Linear4bit`` layer (a model loaded
+with transformers' ``BitsAndBytesConfig(load_in_4bit=True)``) without
+importing bitsandbytes.
+
+Note (bitsandbytes' CPU repacking, 0.50.2): on a CPU with AVX512-BF16, the
+first forward of a ``bitsandbytes.nn.Linear4bit`` in eval mode with an input
+that needs no gradient calls ``_convert_weight_packed_for_cpu``: the packed
+codes are permuted into ``(out, in / 2)`` tiles of 32 rows (exactly
+invertible), but the absmax are dequantized from their 8-bit double
+quantization, rounded to bfloat16, and the nested constants and offset are
+dropped (``quant_state.packing_format_for_cpu = True``). The checkpoint's
+bytes cannot be recovered from that (bitsandbytes' own inverse quantizes the
+bfloat16 absmax again with a new offset), so :func:`from_bitsandbytes`
+refuses such a state with a ``ValueError`` rather than import a different
+weight. Import the layer before its first eval-mode forward.
 """
 from __future__ import annotations
 
@@ -23,7 +42,11 @@ from ..codebooks import code_for
 from ..quant_state import QuantState
 
 __all__ = ["to_bitsandbytes", "from_bitsandbytes", "to_linear4bit_state_dict",
-           "from_linear4bit_state_dict"]
+           "from_linear4bit_state_dict", "is_bitsandbytes_linear4bit",
+           "from_bitsandbytes_linear4bit"]
+
+#: Who names the metadata entry ``<prefix>.quant_state.<owner>__<quant_type>``.
+_META_OWNER = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int4": "qlora_ref"}
 
 
 def _torch():
@@ -146,6 +169,12 @@ def from_bitsandbytes(packed, quant_state) -> QuantState:
         raise ValueError(f"quant_state must be a bitsandbytes.functional.QuantState, got "
                          f"{type(quant_state).__name__} (for Linear4bit state-dict entries use "
                          f"from_linear4bit_state_dict)")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this bitsandbytes QuantState was repacked for bitsandbytes' CPU kernel "
+                         "(packing_format_for_cpu=True, after an eval-mode forward on an "
+                         "AVX512-BF16 CPU): its absmax were rounded to bfloat16 and the "
+                         "double-quantization constants dropped, so the stored bytes cannot be "
+                         "recovered exactly; load the model again and import it before running it")
     quant_type = quant_state.quant_type
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"unsupported bitsandbytes quant_type {quant_type!r}")
@@ -183,11 +212,12 @@ def to_linear4bit_state_dict(state: QuantState, prefix: str = "weight") -> dict:
     Returns a dict of torch tensors keyed ``prefix``, ``prefix.absmax``,
     ``prefix.quant_map`` and, with double quantization, ``prefix.nested_absmax``,
     ``prefix.nested_quant_map``; plus ``prefix.quant_state.bitsandbytes__<type>``
-    holding the JSON metadata.
+    holding the JSON metadata (``prefix.quant_state.qlora_ref__int4`` for INT4,
+    which bitsandbytes does not have).
     """
     torch = _torch()
-    if state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"Linear4bit stores only nf4 and fp4, not {state.quant_type!r}")
+    if state.quant_type not in _META_OWNER:
+        raise ValueError(f"Linear4bit stores only {tuple(_META_OWNER)}, not {state.quant_type!r}")
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 (copies: the dict owns its tensors)
     meta = {"quant_type": state.quant_type, "blocksize": state.blocksize,
             "dtype": state.dtype, "shape": list(state.shape)}
@@ -199,9 +229,18 @@ def to_linear4bit_state_dict(state: QuantState, prefix: str = "weight") -> dict:
         meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32",
                     nested_offset=float(np.float32(state.offset)))
     payload = json.dumps(meta).encode("utf-8")
-    out[f"{prefix}.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
+    owner = _META_OWNER[state.quant_type]
+    out[f"{prefix}.quant_state.{owner}__{state.quant_type}"] = torch.tensor(
         list(payload), dtype=torch.uint8)
     return out
+
+
+def linear4bit_state_dict_keys(state_dict, prefix: str = "weight") -> list:
+    """The keys of ``state_dict`` that belong to the Linear4bit weight at ``prefix``."""
+    return [k for k in state_dict if isinstance(k, str)
+            and (k == prefix or k.startswith(prefix + ".") and k[len(prefix) + 1:] in (
+                "absmax", "quant_map", "nested_absmax", "nested_quant_map")
+                or k.startswith(f"{prefix}.quant_state."))]
 
 
 def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> QuantState:
@@ -211,11 +250,12 @@ def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> Quan
     """
     if not isinstance(state_dict, dict):
         raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    meta_keys = [k for k in state_dict
-                 if isinstance(k, str) and k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    meta_keys = [k for k in state_dict if isinstance(k, str) and any(
+        k == f"{prefix}.quant_state.{owner}__{t}" for t, owner in _META_OWNER.items())]
     if len(meta_keys) != 1:
-        raise ValueError(f"expected one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, "
-                         f"found {meta_keys or 'none'} among {sorted(map(str, state_dict))}")
+        raise ValueError(f"expected one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' "
+                         f"(or qlora_ref__int4) entry, found {meta_keys or 'none'} among "
+                         f"{sorted(map(str, state_dict))}")
     try:
         meta = json.loads(bytes(_numpy(state_dict[meta_keys[0]], np.uint8, meta_keys[0]))
                           .decode("utf-8"))
@@ -236,8 +276,8 @@ def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> Quan
         return _numpy(state_dict[key], dtype, key)
 
     where = f"{meta_keys[0]}:"
-    if meta["quant_type"] not in ("nf4", "fp4"):
-        raise ValueError(f"{where} unsupported quant_type {meta['quant_type']!r}")
+    if not meta_keys[0].endswith(f"__{meta['quant_type']}"):
+        raise ValueError(f"{where} quant_type {meta['quant_type']!r} differs from the key's")
     kwargs = dict(packed=entry("", np.uint8), shape=_shape(meta["shape"], f"{where} shape"),
                   dtype=meta["dtype"], blocksize=_int(meta["blocksize"], f"{where} blocksize"),
                   quant_type=meta["quant_type"],
@@ -251,3 +291,42 @@ def from_linear4bit_state_dict(state_dict: dict, prefix: str = "weight") -> Quan
     else:
         kwargs.update(absmax=entry("absmax", np.float32))
     return QuantState(**kwargs)
+
+
+def is_bitsandbytes_linear4bit(module) -> bool:
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit`` (or a subclass: ``LinearNF4``, ...).
+
+    Decided from the class hierarchy's names, so bitsandbytes is not imported
+    for a model that has none of its layers.
+    """
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+               for c in type(module).__mro__)
+
+
+def from_bitsandbytes_linear4bit(module) -> QuantState:
+    """The :class:`~qlora_ref.QuantState` of a ``bitsandbytes.nn.Linear4bit``'s weight, bytes unchanged.
+
+    Reads ``module.weight`` (the packed ``Params4bit``) and its ``quant_state``
+    with :func:`from_bitsandbytes`; the shape must be the layer's
+    ``(out_features, in_features)``.
+
+    Raises
+    ------
+    ValueError
+        If the layer was never quantized (no ``quant_state``: still on the
+        meta device, or not yet moved to a device), or bitsandbytes repacked
+        it for its CPU kernel (see the module note).
+    """
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        raise ValueError(f"bitsandbytes {name}(in_features={module.in_features}, "
+                         f"out_features={module.out_features}) has no quant_state: it is not "
+                         "quantized yet (bitsandbytes quantizes when the layer is moved to a device)")
+    state = from_bitsandbytes(weight.data, quant_state)
+    if state.shape != (module.out_features, module.in_features):
+        raise ValueError(f"bitsandbytes {name}: quant_state.shape {state.shape} is not "
+                         f"(out_features, in_features) = ({module.out_features}, "
+                         f"{module.in_features})")
+    return state

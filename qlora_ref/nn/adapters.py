@@ -19,10 +19,32 @@ keys; ``rank_pattern`` / ``alpha_pattern`` hold per-layer exceptions).
 ``target_modules`` is written as the full module paths, which PEFT matches
 exactly (it does the same for ``"all-linear"``).
 
+``task_type`` is inferred from the ``transformers`` class (``CAUSAL_LM`` for
+a ``...ForCausalLM``, and so on) and ``base_model_name_or_path`` from the
+model's ``name_or_path``, so ``peft.AutoPeftModelForCausalLM.from_pretrained(directory)``
+opens the adapter with its base.
+
+Note (the base is recorded): the adapters were trained against one base,
+NF4 with its quantization error, say. :func:`save_adapter` records that
+base's format in the metadata of ``adapter_model.safetensors`` under
+``"qlora_ref.base"`` (PEFT does not read it), e.g.
+``{"quant_bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": true,
+"compute_dtype": null}``, and :func:`load_adapter` rebuilds that base by
+default, so the loaded model computes what the saved one did. An adapter
+saved by PEFT has no record and gets a 16-bit base unless told otherwise.
+
+Note (fan_in_fan_out): GPT-2's layers are ``transformers`` ``Conv1D``
+(weight ``(in, out)``); PEFT marks their adapters ``fan_in_fan_out: true``
+(the tensors keep the shapes ``(r, in)``, ``(out, r)``). We write it true
+exactly when some adapted layer wraps a ``Conv1D``, and on load refuse a
+flag that disagrees with that rule for the model's layers. A model mixing
+``Conv1D`` and ``nn.Linear`` layers is written true: PEFT then sets each
+layer by its class (warning about the ``nn.Linear`` ones).
+
 Note (what is refused): PEFT options that change the layer's formula --
-rsLoRA (:math:`s = \alpha/\sqrt r`), DoRA, ``fan_in_fan_out``, trained
-biases, ``modules_to_save`` -- raise ``ValueError`` on load rather than
-load into a layer that would compute something else.
+rsLoRA (:math:`s = \alpha/\sqrt r`), DoRA, trained biases,
+``modules_to_save`` -- raise ``ValueError`` on load rather than load into a
+layer that would compute something else.
 
 Note (hostile configs): ``adapter_config.json`` is input. Wrong JSON types
 (``r: 4.7``, ``lora_alpha: "8"``, a list instead of an object) are a
@@ -40,22 +62,28 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
+from ..dtypes import FLOAT_DTYPES
+from .._atomic import write_atomic
 from .lora import LoRALinear, lora_scaling
 from .model import prepare_model
+from .quantized import QuantizedLinear
 
 try:  # the standard library's regex parser (a private module, renamed in Python 3.11)
     from re import _parser as _sre_parse
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre_parse
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "adapter_key",
-           "pattern_matcher", "check_regex_cost"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "BASE_METADATA_KEY", "save_adapter", "load_adapter",
+           "adapter_key", "base_record", "read_base_record", "task_type_of", "pattern_matcher",
+           "check_regex_cost"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: Key, in the safetensors metadata of ``adapter_model.safetensors``, of the base's format.
+BASE_METADATA_KEY = "qlora_ref.base"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?:(?P<path>.+)\.)?lora_(?P<which>[AB])\.weight$")
 
@@ -69,8 +97,81 @@ def _lora_layers(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+# transformers' auto-class tables (in this order) -> PEFT's task type
+_TASK_TYPES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+    ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
+)
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a ``transformers`` model, from its class or ``config.architectures``.
+
+    ``"CAUSAL_LM"`` for a class transformers lists under ``AutoModelForCausalLM``,
+    likewise ``SEQ_2_SEQ_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``,
+    and ``FEATURE_EXTRACTION`` for a bare ``AutoModel`` class; None for any
+    other model (transformers is imported only for a transformers model).
+    """
+    config = getattr(model, "config", None)
+    if not type(model).__module__.startswith("transformers.") and config is None:
+        return None
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - a config attribute without transformers
+        return None
+    names = [type(model).__name__] + list(getattr(config, "architectures", None) or [])
+    for name in names:
+        for table, task_type in _TASK_TYPES:
+            for value in getattr(modeling_auto, table, {}).values():
+                if name == value or (isinstance(value, (tuple, list)) and name in value):
+                    return task_type
+    return None
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    """``model.name_or_path`` (transformers: where ``from_pretrained`` read it), or None."""
+    name = getattr(model, "name_or_path", None)
+    if not name:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _base_format(layer: LoRALinear) -> dict:
+    base = layer.base_layer
+    if not isinstance(base, QuantizedLinear):
+        return {"quant_bits": 16}
+    dtype = base.compute_dtype
+    return {"quant_bits": base.bits, **base.quant_config(),
+            "compute_dtype": None if dtype is None else str(dtype).replace("torch.", "")}
+
+
+def base_record(model: nn.Module) -> dict | None:
+    """The base format all adapted layers of ``model`` share, as :func:`save_adapter` records it.
+
+    ``{"quant_bits": 4, "quant_type": ..., "blocksize": ..., "double_quant": ...,
+    "compute_dtype": ...}`` (8 bits: ``quant_bits``, ``blocksize``,
+    ``compute_dtype``; 16 bits: ``quant_bits`` only); None when the layers
+    differ (nothing is recorded: one record rebuilds one base).
+    """
+    formats = {json.dumps(_base_format(m), sort_keys=True) for m in _lora_layers(model).values()}
+    return json.loads(formats.pop()) if len(formats) == 1 else None
+
+
+def _fan_in_fan_out(layers: dict) -> bool:
+    """The config's ``fan_in_fan_out``: true when some adapted layer wraps a ``Conv1D``."""
+    return any(getattr(m, "fan_in_fan_out", False) for m in layers.values())
+
+
+_INFER = "infer"
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None,
+                 task_type: str | None = _INFER) -> Path:
     """Write the adapters of ``model`` to ``directory`` in PEFT's layout.
 
     Parameters
@@ -80,40 +181,129 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     directory : path
         Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` go in it.
     base_model_name_or_path : str, optional
-        Recorded in the config, as PEFT does (``from_pretrained`` does not need it).
+        Recorded in the config, where ``peft.AutoPeftModel*`` loads the base
+        from. Default: the model's ``name_or_path`` (None if it has none).
+    task_type : str or None, optional
+        PEFT's task type (``"CAUSAL_LM"``, ...); default inferred by :func:`task_type_of`.
 
     Returns
     -------
     pathlib.Path
         ``directory``.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from torch.nn import Linear, ReLU, Sequential
+    >>> mlp = lambda: Sequential(Linear(64, 32), ReLU(), Linear(32, 8))
+    >>> folder = save_adapter(prepare_model(mlp(), r=2, quant_type="fp4"), tempfile.mkdtemp())
+    >>> read_base_record(folder / WEIGHTS_NAME)
+    {'blocksize': 64, 'compute_dtype': None, 'double_quant': True, 'quant_bits': 4, 'quant_type': 'fp4'}
+    >>> loaded = load_adapter(mlp(), folder)  # the recorded base is rebuilt
+    >>> type(loaded[0].base_layer).__name__, loaded[0].base_layer.quant_type
+    ('Linear4bit', 'fp4')
     """
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRALinear layers; nothing to save "
                          "(use qlora_ref.prepare_model first)")
+    if task_type == _INFER:
+        task_type = task_type_of(model)
+    elif task_type is not None and task_type not in {t for _, t in _TASK_TYPES}:
+        raise ValueError(f"task_type must be None or one of PEFT's "
+                         f"{sorted(t for _, t in _TASK_TYPES)}, got {task_type!r}")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _name_or_path(model)
     r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha,
         "lora_dropout": Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0],
         "target_modules": sorted(layers),
         "rank_pattern": {name: m.r for name, m in layers.items() if m.r != r},
         "alpha_pattern": {name: m.lora_alpha for name, m in layers.items()
                           if m.lora_alpha != alpha},
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-        "layers_pattern": None,
+        "bias": "none", "fan_in_fan_out": _fan_in_fan_out(layers), "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None,
     }
     tensors = {}
     for name, m in layers.items():
         tensors[adapter_key(name, "A")] = m.lora_A.detach().cpu().contiguous().clone()  # (r, in)
         tensors[adapter_key(name, "B")] = m.lora_B.detach().cpu().contiguous().clone()  # (out, r)
+    metadata = {"format": "pt"}
+    record = base_record(model)
+    if record is not None:
+        metadata[BASE_METADATA_KEY] = json.dumps(record, sort_keys=True)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_atomic(directory / CONFIG_NAME,
+                  (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
     return directory
+
+
+_QUANT_TYPES = ("nf4", "fp4", "int4")
+_RECORD_FIELDS = {  # field -> (check, what it must be)
+    "quant_bits": (lambda v: v in (4, 8, 16) and not isinstance(v, bool), "4, 8 or 16"),
+    "quant_type": (lambda v: v in _QUANT_TYPES, f"one of {_QUANT_TYPES}"),
+    "blocksize": (lambda v: _is_positive_int(v), "a positive integer"),
+    "double_quant": (lambda v: isinstance(v, bool), "true or false"),
+    "compute_dtype": (lambda v: v is None or v in FLOAT_DTYPES, f"null or one of {FLOAT_DTYPES}"),
+}
+_RECORD_NEEDS = {4: {"quant_type", "blocksize", "double_quant"}, 8: {"blocksize"}, 16: set()}
+
+
+def read_base_record(path: str | os.PathLike) -> dict | None:
+    """The base format recorded in the ``adapter_model.safetensors`` at ``path``, or None.
+
+    The record is input: it must be a JSON object with known fields of the
+    right JSON types (:data:`BASE_METADATA_KEY`; see :func:`save_adapter`),
+    and every failure is a ``ValueError`` naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    text = metadata.get(BASE_METADATA_KEY)
+    if text is None:
+        return None
+    where = f"{path}: metadata {BASE_METADATA_KEY!r}"
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} must be a JSON object, got a {type(record).__name__}")
+    unknown = sorted(set(record) - set(_RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known: {sorted(_RECORD_FIELDS)}")
+    for key, value in record.items():
+        ok, what = _RECORD_FIELDS[key]
+        if not ok(value):
+            raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
+    if "quant_bits" not in record:
+        raise ValueError(f"{where} has no quant_bits")
+    missing = sorted(_RECORD_NEEDS[record["quant_bits"]] - set(record))
+    if missing:
+        raise ValueError(f"{where}: quant_bits={record['quant_bits']} needs {missing}")
+    return record
+
+
+def _prepare_kwargs(record: dict | None, given: dict) -> dict:
+    """``prepare_model`` arguments: the recorded base, unless the caller chose the precision."""
+    if record is None or "quant_type" in given or "quant_bits" in given:
+        kwargs = dict(given)
+        kwargs.setdefault("quant_type", None)  # nothing recorded: a 16-bit base, as before
+        return kwargs
+    kwargs = dict(record)
+    if kwargs["quant_bits"] != 4:
+        kwargs["quant_type"] = None
+    return {**kwargs, **given}
 
 
 def _read(directory: Path) -> tuple[dict, dict]:
@@ -123,7 +313,7 @@ def _read(directory: Path) -> tuple[dict, dict]:
     config = _read_config(directory / CONFIG_NAME)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type {config['peft_type']!r} is not LORA")
-    refused = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+    refused = {"use_rslora": False, "use_dora": False,
                "bias": "none", "lora_bias": False, "modules_to_save": None}
     for key, fine in refused.items():
         value = config.get(key, fine)
@@ -169,6 +359,7 @@ def _read_config(path: Path) -> dict:
         "r": (_is_positive_int, "a positive integer"),
         "lora_alpha": (_is_number, "a finite number"),
         "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
         "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object (or null)"),
         "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object (or null)"),
     }
@@ -301,9 +492,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     """Load a PEFT LoRA adapter (saved by :func:`save_adapter` or by PEFT) into ``model``.
 
     If ``model`` has no LoRA layers yet, the layers named in the adapter are
-    prepared first with :func:`~qlora_ref.prepare_model` (``prepare_kwargs``
-    choose the base, e.g. ``quant_type="nf4"``; default a 16-bit base), with
-    each layer's rank taken from the saved tensors.
+    prepared first with :func:`~qlora_ref.prepare_model`, with each layer's
+    rank taken from the saved tensors, over the base recorded with the
+    adapter (:func:`read_base_record`: the model that was saved is rebuilt).
+    ``prepare_kwargs`` override the record: ``quant_type`` or ``quant_bits``
+    choose another base (e.g. ``quant_type=None``: 16-bit), others such as
+    ``compute_dtype`` replace that field. Without a record (an adapter saved
+    by PEFT) the default is a 16-bit base.
 
     Each layer's ``lora_alpha``, ``scaling`` and ``lora_dropout`` are set from
     the adapter config.
@@ -342,14 +537,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     dropout = float(config.get("lora_dropout", 0.0))
 
     if not _lora_layers(model):
-        prepare_kwargs.setdefault("quant_type", None)
+        record = read_base_record(directory / WEIGHTS_NAME)
         model = prepare_model(model, r=default_r, lora_alpha=default_alpha, lora_dropout=dropout,
                               target_modules="|".join(map(re.escape, sorted(weights))),
-                              **prepare_kwargs)
+                              **_prepare_kwargs(record, prepare_kwargs))
         for name, layer in _lora_layers(model).items():  # a rank from rank_pattern
             r = _pattern_value(rank_pattern, name, default_r)
             if r != layer.r:
-                new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout)
+                new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout,
+                                 fan_in_fan_out=layer.fan_in_fan_out)
                 new.name = name
                 parent, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent), leaf, new)
@@ -359,6 +555,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     if unknown:
         raise ValueError(f"{directory}: adapter has weights for {unknown}, which are not LoRA "
                          f"layers of the model (its LoRA layers: {sorted(layers)})")
+    flag, conv1d = config.get("fan_in_fan_out", False), _fan_in_fan_out(
+        {name: layers[name] for name in weights})
+    if flag != conv1d:
+        kinds = sorted(name for name in weights
+                       if getattr(layers[name], "fan_in_fan_out", False) == conv1d)
+        raise ValueError(f"{directory / CONFIG_NAME}: fan_in_fan_out={flag} but the layers "
+                         f"{kinds[:3]}{'...' if len(kinds) > 3 else ''} are "
+                         f"{'transformers Conv1D (weight (in, out))' if conv1d else 'nn.Linear'}"
+                         f"; an adapter for {'nn.Linear' if conv1d else 'Conv1D (GPT-2)'} "
+                         "layers does not fit this model")
     missing = sorted(set(layers) - set(weights))
     if strict and missing:
         raise ValueError(f"{directory}: adapter has no weights for the model's LoRA layers "

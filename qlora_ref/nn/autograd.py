@@ -1,6 +1,16 @@
 r"""``QLoRAMatmul``: a linear layer over a frozen (4-bit) weight plus LoRA adapters, with a hand-written backward.
 
-Paper section 3, "QLoRA", equations (5) and (6): a forward pass computes
+Paper section 3, "QLoRA": equation (5) is the layer,
+:math:`\mathbf Y = \mathbf X\,\operatorname{doubleDequant}(c_1, c_2, \mathbf W^{\text{NF4}})
++ \mathbf X\mathbf L_1\mathbf L_2`, and equation (6) defines
+:math:`\operatorname{doubleDequant}(c_1, c_2, \mathbf W) = \operatorname{dequant}(\operatorname{dequant}(c_1, c_2), \mathbf W)`.
+Neither has a scaling or a dropout. The scaling :math:`s` is in the paper's
+LoRA equation (3), :math:`\mathbf Y = \mathbf X\mathbf W + s\,\mathbf X\mathbf L_1\mathbf L_2`
+(section 2), with :math:`s = \alpha / r` as PEFT computes it; the dropout is
+LoRA's, a hyperparameter the paper sets (appendix) and PEFT applies to the
+adapter input. With PEFT's names, :math:`\mathbf L_1 = \mathbf A^\top` and
+:math:`\mathbf L_2 = \mathbf B^\top`, in the row convention used throughout
+(a row of :math:`\mathbf X` is one token), a forward pass computes
 
 .. math::
 
@@ -9,7 +19,8 @@ Paper section 3, "QLoRA", equations (5) and (6): a forward pass computes
     \qquad \hat{\mathbf W} = \operatorname{doubleDequant}(c_1, c_2, \mathbf W^{\text{NF4}}),
     \qquad s = \alpha / r,
 
-with :math:`d` the LoRA dropout, and the backward pass needs
+with :math:`d` the LoRA dropout (see ``docs/notation.md`` for every symbol),
+and the backward pass needs
 :math:`\partial E / \partial \mathbf X` through :math:`\hat{\mathbf W}` (to reach
 earlier layers) but never a gradient for :math:`\mathbf W^{\text{NF4}}`.
 
@@ -29,7 +40,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QLoRAMatmul", "qlora_linear", "frozen_weight", "dropout_mask"]
+__all__ = ["QLoRAMatmul", "qlora_linear", "qlora_inference", "frozen_weight", "dense_weight", "is_conv1d",
+           "dropout_mask"]
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``Conv1D`` (GPT-2): weight ``(in, out)``, :math:`y = xW + b`.
+
+    Recognised by class name and layout, so transformers is never imported here.
+    """
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 2)
+
+
+def dense_weight(base) -> torch.Tensor:
+    """The ``(out, in)`` weight of a 16-bit base: ``nn.Linear``'s own, a ``Conv1D``'s transposed (a view)."""
+    return base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
 
 
 def frozen_weight(base, dtype: torch.dtype) -> torch.Tensor:
@@ -37,12 +63,12 @@ def frozen_weight(base, dtype: torch.dtype) -> torch.Tensor:
 
     A quantized base (:class:`~qlora_ref.nn.Linear4bit`,
     :class:`~qlora_ref.nn.Linear8bit`) dequantizes itself; a 16-bit
-    ``nn.Linear`` returns its weight (a view when the dtype already matches).
+    ``nn.Linear`` (or ``Conv1D``) returns its weight (a view when the dtype already matches).
     """
     dequantize = getattr(base, "dequantize", None)
     if dequantize is not None:
         return dequantize(dtype)
-    return base.weight.detach().to(dtype)
+    return dense_weight(base).detach().to(dtype)
 
 
 def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None
@@ -101,7 +127,9 @@ class QLoRAMatmul(torch.autograd.Function):
         arguments of ``QLoRAMatmul.apply``; :func:`qlora_linear` names them.)
     base : module
         Frozen base layer: anything with ``dequantize(dtype)``, or an
-        ``nn.Linear`` (its weight is read, never differentiated).
+        ``nn.Linear`` or ``Conv1D`` (its weight is read, never differentiated;
+        a ``Conv1D``'s ``(in, out)`` weight is used transposed, so
+        ``F.linear`` computes ``addmm(b, x, W)`` exactly as ``Conv1D`` does).
     bias : torch.Tensor or None
         ``(out,)``; gets a gradient only if it requires one.
     lora_A, lora_B : torch.Tensor or None
@@ -120,7 +148,8 @@ class QLoRAMatmul(torch.autograd.Function):
         ctx.base, ctx.scaling, ctx.dropout_p = base, float(scaling), float(dropout_p)
         ctx.has_lora = lora_A is not None
         dequantize = getattr(base, "dequantize", None)        # a quantized base, or nn.Linear
-        weight = dequantize(x.dtype) if dequantize else base.weight.detach().to(x.dtype)  # (out, in)
+        weight = (dequantize(x.dtype) if dequantize                  # (out, in)
+                  else dense_weight(base).detach().to(x.dtype))
         out = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # (..., out)
         if ctx.has_lora:
             h = F.linear(_apply_dropout(x, mask, dropout_p), lora_A.to(x.dtype))  # (..., r)
@@ -158,6 +187,23 @@ class QLoRAMatmul(torch.autograd.Function):
                 h = xd @ A.T                                          # (tokens, r), recomputed
                 dB = ((g.reshape(-1, g.shape[-1]).T @ h) * s).to(lora_B.dtype)  # (out, r)
         return dx, None, dbias, dA, dB, None, None, None
+
+
+def qlora_inference(x: torch.Tensor, base, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    r"""The forward of :class:`QLoRAMatmul` when no backward will follow (generation), without dropout.
+
+    :math:`\mathbf Y = \mathbf X\hat{\mathbf W}^\top + \mathbf b + s\,(\mathbf X\mathbf A^\top)\mathbf B^\top`.
+    With nothing to save for a backward, a base that can multiply a few rows
+    straight from its codes does so (:meth:`~qlora_ref.nn.Linear4bit.matmul_few_rows`,
+    which never forms :math:`\hat{\mathbf W}`); otherwise this is :class:`QLoRAMatmul`'s forward.
+    """
+    fused = getattr(base, "matmul_few_rows", None)
+    out = fused(x, bias) if fused is not None else None                    # (..., out) or None
+    if out is None:
+        return QLoRAMatmul.apply(x, base, bias, lora_A, lora_B, scaling, None, 0.0)
+    h = F.linear(x, lora_A.to(x.dtype))                                     # (..., r)
+    return out + F.linear(h, lora_B.to(x.dtype)) * scaling                  # as QLoRAMatmul
 
 
 def qlora_linear(x: torch.Tensor, base, bias: torch.Tensor | None = None,

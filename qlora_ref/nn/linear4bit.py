@@ -11,8 +11,7 @@ whenever a matmul needs it:
                 \mathbf W^{\text{NF4}})^\top + \mathbf b .
 
 Mirrors ``bitsandbytes.nn.Linear4bit`` (frozen-weight use). The buffers are
-the fields of :class:`~qlora_ref.QuantState`, under the same names, so a
-``state_dict`` holds exactly the packed bytes and constants::
+the fields of :class:`~qlora_ref.QuantState`, under the same names::
 
     packed          uint8   (ceil(out*in / 2),)
     absmax          uint8 (double quant) or float32   (n_blocks,)
@@ -20,7 +19,21 @@ the fields of :class:`~qlora_ref.QuantState`, under the same names, so a
     nested_absmax   float32 (ceil(n_blocks / 256),)   double quant only
     nested_code     float32 (256,)                    double quant only
     offset          float32 ()                        double quant only
-    _extra_state    shape, blocksize, quant_type, dtype, nested_blocksize
+
+and its ``state_dict`` holds them under bitsandbytes' names, byte for byte
+what a ``bitsandbytes.nn.Linear4bit`` saves
+(:func:`~qlora_ref.interop.bitsandbytes.to_linear4bit_state_dict`)::
+
+    weight                                   uint8 (ceil(out*in / 2), 1)  packed
+    bias
+    weight.absmax, weight.quant_map          absmax, code
+    weight.nested_absmax                     nested_absmax                double quant only
+    weight.nested_quant_map                  nested_code                  double quant only
+    weight.quant_state.bitsandbytes__nf4     JSON: shape, blocksize, quant_type, dtype,
+                                             nested_blocksize, nested_offset (= offset)
+
+(``...qlora_ref__int4`` for INT4). A layer that bitsandbytes quantized is
+imported bytes unchanged by :meth:`Linear4bit.from_bitsandbytes_layer`.
 """
 from __future__ import annotations
 
@@ -29,10 +42,13 @@ import torch
 
 from types import SimpleNamespace
 
-from ..backend import default_num_threads
+from ..backend import default_num_threads, kernels
 from ..codebooks import code_for, dynamic_code
-from ..double_quant import NESTED_BLOCKSIZE
+from ..double_quant import NESTED_BLOCKSIZE, double_dequantize
 from ..fourbit import quantize_4bit, run_dequantize_kernel
+from ..interop.bitsandbytes import (from_bitsandbytes_linear4bit, from_linear4bit_state_dict,
+                                    is_bitsandbytes_linear4bit, linear4bit_state_dict_keys,
+                                    to_linear4bit_state_dict)
 from ..quant_state import QuantState
 from ..validation import check_blocksize, check_quant_type
 from .functional import (check_quant_tensors, dequantize_4bit_torch, quant_state_tensors,
@@ -84,6 +100,7 @@ class Linear4bit(QuantizedLinear):
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = bool(double_quant)
         self._validated = None  # the buffers' identity when last checked (see dequantize)
+        self._absmax_key = self._absmax_cache = None  # float32 constants (matmul_few_rows)
         n = self.weight_numel
         n_blocks = -(-n // self.blocksize)
         zeros = lambda size, dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
@@ -135,14 +152,49 @@ class Linear4bit(QuantizedLinear):
         layer._copy_bias(bias)
         return layer
 
+    @staticmethod
+    def is_bitsandbytes_layer(module) -> bool:
+        """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit`` (bitsandbytes is not imported)."""
+        return is_bitsandbytes_linear4bit(module)
+
+    @classmethod
+    def from_bitsandbytes_layer(cls, module, compute_dtype=None, quant_bits: int = 4,
+                                quant_type: str | None = None, blocksize: int | None = None,
+                                double_quant: bool | None = None) -> "Linear4bit":
+        """Import a ``bitsandbytes.nn.Linear4bit`` without quantizing again: the same bytes, bias copied.
+
+        The optional format arguments are what the caller asked for (as
+        :func:`~qlora_ref.nn.prepare_model` passes them); a layer stored
+        otherwise is a ``ValueError``, since its bytes cannot change format
+        without quantizing twice. ``compute_dtype`` defaults to the layer's.
+        """
+        state = from_bitsandbytes_linear4bit(module)
+        asked = {"quant_bits": quant_bits, "quant_type": quant_type, "blocksize": blocksize,
+                 "double_quant": double_quant}
+        held = {"quant_bits": 4, "quant_type": state.quant_type, "blocksize": state.blocksize,
+                "double_quant": state.double_quant}
+        wrong = {k: v for k, v in asked.items() if v is not None and v != held[k]}
+        if wrong:
+            raise ValueError(f"{type(module).__name__}(in_features={module.in_features}, "
+                             f"out_features={module.out_features}) is already quantized by "
+                             f"bitsandbytes as {held}; asked for {wrong}: pass the layer's own "
+                             "settings (its bytes are imported as they are)")
+        if compute_dtype is None:
+            compute_dtype = getattr(module, "compute_dtype", None)
+        bias = None if module.bias is None else module.bias.detach()
+        return cls.from_quant_state(state, bias=bias, compute_dtype=compute_dtype)
+
     def load_quant_state(self, state: QuantState) -> None:
         """Copy ``state``'s bytes into this layer's buffers (its format must match)."""
-        expected = (self.quant_type, self.blocksize, self.double_quant,
-                    (self.out_features, self.in_features))
-        got = (state.quant_type, state.blocksize, state.double_quant, state.shape)
+        expected = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                    "double_quant": self.double_quant,
+                    "shape": (self.out_features, self.in_features)}
+        got = {"quant_type": state.quant_type, "blocksize": state.blocksize,
+               "double_quant": state.double_quant, "shape": tuple(state.shape)}
         if got != expected:
-            raise ValueError(f"{self.label()}: QuantState (quant_type, blocksize, double_quant, "
-                             f"shape) = {got}, layer has {expected}")
+            theirs = ", ".join(f"{k}={v!r}" for k, v in got.items() if v != expected[k])
+            mine = ", ".join(f"{k}={v!r}" for k, v in expected.items() if v != got[k])
+            raise ValueError(f"{self.label()}: the stored weight has {theirs}; the layer has {mine}")
         for name, t in quant_state_tensors(state).items():
             if isinstance(t, torch.Tensor):
                 getattr(self, name).copy_(t)
@@ -153,7 +205,7 @@ class Linear4bit(QuantizedLinear):
         """The buffers and metadata as the dict :func:`~qlora_ref.nn.dequantize_4bit_torch` reads."""
         return {"packed": self.packed, "absmax": self.absmax, "code": self.code,
                 "nested_absmax": self.nested_absmax, "nested_code": self.nested_code,
-                "offset": self.offset, **self.get_extra_state()}
+                "offset": self.offset, **self._metadata()}
 
     def quant_state(self) -> QuantState:
         """A NumPy :class:`~qlora_ref.QuantState` copy of the stored weight."""
@@ -191,6 +243,59 @@ class Linear4bit(QuantizedLinear):
                               default_num_threads(flat.size))
         return out.view(torch.bfloat16) if bf16 else out.to(dtype)
 
+    #: Most rows of ``x`` (tokens) :meth:`matmul_few_rows` takes. Measured on one thread
+    #: (AVX-512 host, 2026-12-02; 128x512, 512x128, 1024x1024, 4096x4096 layers), the fused
+    #: kernel took at most the time of dequantize + ``F.linear`` up to 32 rows, and more
+    #: from 64 rows on for the three small layers (it reads the codes once per 8 rows).
+    FUSED_MAX_ROWS = 32
+
+    def matmul_few_rows(self, x: torch.Tensor, bias: torch.Tensor | None = None):
+        r""":math:`\mathbf X\hat{\mathbf W}^\top + \mathbf b` straight from the codes, for a few rows; None where that does not apply.
+
+        Generating a token reads every weight once, so it runs at the speed of
+        reading the weights. :meth:`dequantize` writes the whole ``(out, in)``
+        matrix and ``F.linear`` reads it again; the fused kernel
+        (``quant4.gemv_4bit``, ``qlora_ref/_kernels/gemv4.h``) reads only the
+        4-bit codes and the constants. Every weight it multiplies is the same
+        float32 product as :meth:`dequantize`'s, so the result differs from
+        ``F.linear(x, self.dequantize(torch.float32), bias)`` only in the order
+        of the float32 sums (it is computed in float32 and rounded once to
+        ``x.dtype``).
+
+        Returns None (the caller then dequantizes) unless: the input is on the
+        CPU with at most :data:`FUSED_MAX_ROWS` rows and not float64 (which
+        must not be summed in float32), the extension is built
+        and the CPU has a vector path (AVX2 or AVX-512; the portable loop
+        would be slower than dequantize + matmul), and rows of ``W`` are whole
+        blocks (``in_features % blocksize == 0``).
+        """
+        rows = x.numel() // self.in_features
+        if (not 1 <= rows <= self.FUSED_MAX_ROWS or x.dtype == torch.float64
+                or x.device.type != "cpu"
+                or self.packed.device.type != "cpu" or self.in_features % self.blocksize
+                or resolve_torch_backend(None, x.device) != "cython"
+                or kernels().simd_level() == "portable"):
+            return None
+        self._validate_if_changed()
+        x32 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()  # (rows, in)
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)             # (rows, out)
+        kernels().gemv_4bit(self.packed.numpy(), self._absmax_float32(), self.code.numpy(),
+                            self.blocksize, x32.numpy(), y.numpy(),
+                            default_num_threads(self.weight_numel))
+        if bias is not None:
+            y += bias.to(torch.float32)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _absmax_float32(self) -> np.ndarray:
+        """The first-level constants as float32 (double-dequantized once per change of the buffers)."""
+        if self._absmax_key != self._validated:
+            v = self._numpy_views()
+            self._absmax_cache = (np.ascontiguousarray(double_dequantize(
+                v.absmax, v.nested_absmax, np.float32(v.offset), NESTED_BLOCKSIZE, v.nested_code))
+                if self.double_quant else v.absmax)
+            self._absmax_key = self._validated
+        return self._absmax_cache
+
     def _numpy_views(self) -> SimpleNamespace:
         """The CPU buffers as zero-copy NumPy arrays, under :class:`~qlora_ref.QuantState`'s names."""
         views = {name: None if getattr(self, name) is None else getattr(self, name).numpy()
@@ -218,18 +323,24 @@ class Linear4bit(QuantizedLinear):
             total += self.nested_absmax.numel() * 4 + 4
         return int(total)
 
-    # -- metadata in the state dict -------------------------------------------------
-    def get_extra_state(self) -> dict:
+    def _metadata(self) -> dict:
         return {"shape": (self.out_features, self.in_features), "blocksize": self.blocksize,
                 "quant_type": self.quant_type,
                 "dtype": str(self.weight_dtype).replace("torch.", ""),
                 "nested_blocksize": NESTED_BLOCKSIZE if self.double_quant else None}
 
-    def set_extra_state(self, state: dict) -> None:
-        mine = self.get_extra_state()
-        for key in ("shape", "blocksize", "quant_type", "nested_blocksize"):
-            theirs = tuple(state[key]) if key == "shape" else state.get(key)
-            if theirs != mine[key]:
-                raise ValueError(f"{self.label()}: state dict has {key}={theirs!r}, "
-                                 f"layer has {mine[key]!r}")
-        self.weight_dtype = as_torch_dtype(state["dtype"])
+    # -- the state dict: bitsandbytes' entries (module docstring) --------------------
+    def weight_state_dict(self, key: str = "weight") -> dict:
+        entries = to_linear4bit_state_dict(self.quant_state(), key)
+        return {k: v.to(self.device) for k, v in entries.items()}
+
+    @staticmethod
+    def weight_state_dict_keys(state_dict, key: str = "weight") -> list:
+        return linear4bit_state_dict_keys(state_dict, key)
+
+    def load_weight_state_dict(self, entries: dict, key: str = "weight") -> None:
+        try:
+            state = from_linear4bit_state_dict(entries, key)
+        except ValueError as exc:
+            raise ValueError(f"{self.label()}: {exc}") from None
+        self.load_quant_state(state)

@@ -15,8 +15,20 @@ et al. (2022), one float32 absmax per block:
 Mirrors ``bitsandbytes.functional.quantize_blockwise`` /
 ``dequantize_blockwise`` (8 bits per weight plus 32 / blocksize for the
 constants: 8.125 bits at blocksize 256).
+
+State dict (tensors only, in the layout of a 4-bit layer; bitsandbytes has no
+such layer -- its ``Linear8bitLt`` is LLM.int8(), row-wise -- so the metadata
+is under our name)::
+
+    weight                                    uint8 (out, in)   codes
+    bias
+    weight.absmax                             float32 (n_blocks,)
+    weight.quant_map                          float32 (256,)    the dynamic code
+    weight.quant_state.qlora_ref__blockwise8  JSON: shape, blocksize, dtype
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -28,6 +40,8 @@ from .functional import dequantize_blockwise_torch
 from .quantized import QuantizedLinear, as_torch_dtype
 
 __all__ = ["Linear8bit"]
+
+_META = "quant_state.qlora_ref__blockwise8"  # the metadata entry, after "weight."
 
 
 class Linear8bit(QuantizedLinear):
@@ -102,11 +116,43 @@ class Linear8bit(QuantizedLinear):
         """One byte per weight plus a float32 absmax per block."""
         return int(self.codes.numel() + 4 * self.absmax.numel())
 
-    def get_extra_state(self) -> dict:
-        return {"blocksize": self.blocksize, "dtype": str(self.weight_dtype).replace("torch.", "")}
+    # -- the state dict (module docstring) ---------------------------------------------
+    def weight_state_dict(self, key: str = "weight") -> dict:
+        meta = {"shape": [self.out_features, self.in_features], "blocksize": self.blocksize,
+                "dtype": str(self.weight_dtype).replace("torch.", "")}
+        payload = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return {key: self.codes.detach().clone(), f"{key}.absmax": self.absmax.detach().clone(),
+                f"{key}.quant_map": self.code.detach().clone(),
+                f"{key}.{_META}": payload.to(self.device)}
 
-    def set_extra_state(self, state: dict) -> None:
-        if state["blocksize"] != self.blocksize:
-            raise ValueError(f"{self.label()}: state dict has blocksize={state['blocksize']}, "
-                             f"layer has {self.blocksize}")
-        self.weight_dtype = as_torch_dtype(state["dtype"])
+    @staticmethod
+    def weight_state_dict_keys(state_dict, key: str = "weight") -> list:
+        names = {key} | {f"{key}.{n}" for n in ("absmax", "quant_map", _META)}
+        return [k for k in state_dict if k in names]
+
+    def load_weight_state_dict(self, entries: dict, key: str = "weight") -> None:
+        missing = [k for k in (key, f"{key}.absmax", f"{key}.quant_map", f"{key}.{_META}")
+                   if k not in entries]
+        if missing:
+            raise ValueError(f"{self.label()}: state dict lacks {missing}")
+        try:
+            meta = json.loads(bytes(entries[f"{key}.{_META}"].cpu().numpy().astype(np.uint8)))
+            shape, blocksize, dtype = tuple(meta["shape"]), meta["blocksize"], meta["dtype"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{self.label()}: {key}.{_META} does not hold the JSON metadata "
+                             f"(shape, blocksize, dtype): {exc}") from None
+        mine = ((self.out_features, self.in_features), self.blocksize)
+        if (shape, blocksize) != mine:
+            raise ValueError(f"{self.label()}: state dict has (shape, blocksize) = "
+                             f"{(shape, blocksize)}, layer has {mine}")
+        for name, buffer, entry in (("", self.codes, key), ("absmax", self.absmax, None),
+                                    ("quant_map", self.code, None)):
+            t = entries[entry or f"{key}.{name}"]
+            if not isinstance(t, torch.Tensor) or t.dtype != buffer.dtype \
+                    or t.shape != buffer.shape:
+                raise ValueError(f"{self.label()}: {entry or f'{key}.{name}'} must be "
+                                 f"{buffer.dtype} {tuple(buffer.shape)}, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+            buffer.copy_(t)
+        self.weight_dtype = as_torch_dtype(dtype)

@@ -1,7 +1,10 @@
 r"""``LoRALinear``: low-rank adapters over a frozen base layer (16-, 8- or 4-bit).
 
 LoRA (Hu et al. 2021), as QLoRA uses it (paper section 2, "Low-rank
-Adapters", and equation (5) in section 3): the base weight :math:`\mathbf W`
+Adapters", equation (3): :math:`\mathbf Y = \mathbf X\mathbf W + s\,\mathbf X\mathbf L_1\mathbf L_2`,
+here in the row convention with :math:`\mathbf L_1 = \mathbf A^\top`,
+:math:`\mathbf L_2 = \mathbf B^\top`; equation (5) in section 3 puts the same
+adapters over the 4-bit base): the base weight :math:`\mathbf W`
 is frozen and a trainable low-rank update is added,
 
 .. math::
@@ -34,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autograd import QLoRAMatmul, dropout_mask, frozen_weight
+from .autograd import QLoRAMatmul, qlora_inference, dense_weight, dropout_mask, frozen_weight, is_conv1d
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 from .quantized import QuantizedLinear, check_linear_input
@@ -88,24 +91,35 @@ def low_rank_factors(residual: torch.Tensor, r: int, scaling: float
     return root[:, None] * Vh[:r], U[:, :r] * root / scaling
 
 
-def freeze_base(linear: nn.Linear, quant_bits: int = 4, compute_dtype=None,
+def freeze_base(linear: nn.Module, quant_bits: int = 4, compute_dtype=None,
                 **quant_config) -> nn.Module:
     """The frozen base layer for ``linear`` at ``quant_bits`` of storage.
 
     Parameters
     ----------
-    linear : nn.Linear
+    linear : nn.Linear, transformers' Conv1D, or bitsandbytes' Linear4bit
     quant_bits : {4, 8, 16}
         4: :class:`~qlora_ref.nn.Linear4bit` (``quant_type``, ``blocksize``,
         ``double_quant``); 8: :class:`~qlora_ref.nn.Linear8bit` (``blocksize``);
-        16: the ``nn.Linear`` itself, frozen, in its own dtype.
+        16: the layer itself, frozen, in its own dtype (a ``Conv1D`` stays a
+        ``Conv1D``: its ``(in, out)`` weight is used transposed).
+        A layer bitsandbytes already quantized to 4 bits is imported, bytes
+        unchanged (:meth:`~qlora_ref.nn.Linear4bit.from_bitsandbytes_layer`);
+        its format must equal the one asked for.
     compute_dtype : torch.dtype, optional
         For the quantized bases.
     """
     if quant_bits not in QUANT_BITS:
         raise ValueError(f"quant_bits must be one of {QUANT_BITS}, got {quant_bits!r}")
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(f"freeze_base expects an nn.Linear, got {type(linear).__name__}")
+    if Linear4bit.is_bitsandbytes_layer(linear):
+        return Linear4bit.from_bitsandbytes_layer(linear, compute_dtype=compute_dtype,
+                                                  quant_bits=quant_bits, **quant_config)
+    if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+        raise ValueError(f"freeze_base expects an nn.Linear or Conv1D, got {type(linear).__name__}")
+    if not linear.weight.is_floating_point():
+        raise ValueError(f"freeze_base: {type(linear).__name__} holds a {linear.weight.dtype} "
+                         "weight, not a floating-point one; only nn.Linear, Conv1D and "
+                         "bitsandbytes' Linear4bit layers can be a base")
     if quant_bits == 16:
         return linear.requires_grad_(False)
     cls = Linear4bit if quant_bits == 4 else Linear8bit
@@ -113,12 +127,12 @@ def freeze_base(linear: nn.Linear, quant_bits: int = 4, compute_dtype=None,
 
 
 class LoRALinear(nn.Module):
-    r"""A frozen base layer plus trainable adapters: :math:`\mathbf Y = \text{base}(\mathbf X) + s\,\mathbf B\mathbf A\,d(\mathbf X)`.
+    r"""A frozen base layer plus trainable adapters: :math:`\mathbf Y = \text{base}(\mathbf X) + s\,d(\mathbf X)\mathbf A^\top\mathbf B^\top`.
 
     Parameters
     ----------
-    base_layer : nn.Linear, Linear4bit or Linear8bit
-        The frozen base (an ``nn.Linear`` is frozen in place: 16-bit LoRA).
+    base_layer : nn.Linear, Conv1D, Linear4bit or Linear8bit
+        The frozen base (an ``nn.Linear`` or ``Conv1D`` is frozen in place: 16-bit LoRA).
     r : int
         Rank of the update, > 0.
     lora_alpha : float
@@ -133,7 +147,13 @@ class LoRALinear(nn.Module):
         :math:`\mathbf W - \operatorname{dequant}(Q(\mathbf W))` (see
         :func:`low_rank_factors`); needs ``weight``.
     weight : torch.Tensor, optional
-        The 16-bit weight the base was quantized from (``init="loftq"`` only).
+        The 16-bit ``(out, in)`` weight the base was quantized from (``init="loftq"`` only).
+    fan_in_fan_out : bool, optional
+        Whether the layer replaces a ``transformers`` ``Conv1D`` (GPT-2), PEFT's
+        ``LoraConfig.fan_in_fan_out``. Default: whether ``base_layer`` is one.
+        Only the 16-bit base keeps the ``(in, out)`` storage; a quantized base
+        is ``(out, in)`` either way, and ``lora_A``, ``lora_B`` always have
+        PEFT's shapes ``(r, in)``, ``(out, r)``.
 
     Attributes
     ----------
@@ -143,15 +163,22 @@ class LoRALinear(nn.Module):
         ``(out_features, r)``, float32.
     scaling : float
     merged : bool
+    fan_in_fan_out : bool
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 16,
-                 lora_dropout: float = 0.0, init: str = "lora", weight: torch.Tensor | None = None):
+                 lora_dropout: float = 0.0, init: str = "lora", weight: torch.Tensor | None = None,
+                 fan_in_fan_out: bool | None = None):
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, QuantizedLinear)):
-            raise ValueError(f"LoRALinear wraps an nn.Linear, Linear4bit or Linear8bit, "
+        conv1d = is_conv1d(base_layer)
+        if not isinstance(base_layer, (nn.Linear, QuantizedLinear)) and not conv1d:
+            raise ValueError(f"LoRALinear wraps an nn.Linear, Conv1D, Linear4bit or Linear8bit, "
                              f"got {type(base_layer).__name__}")
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fan_in_fan_out = conv1d if fan_in_fan_out is None else bool(fan_in_fan_out)
+        if conv1d:  # transformers' Conv1D: weight (in, out), nf = out
+            self.in_features, self.out_features = base_layer.weight.shape[0], base_layer.nf
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.name = getattr(base_layer, "name", "")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"{self._shape()}: r must be a positive int, got {r!r}")
@@ -180,9 +207,11 @@ class LoRALinear(nn.Module):
         :math:`Q_t = Q(\mathbf W - s\mathbf B_{t-1}\mathbf A_{t-1})` and
         :math:`(\mathbf A_t, \mathbf B_t) = \operatorname{SVD}_r(\mathbf W - \operatorname{dequant}(Q_t))`.
         """
-        weight = linear.weight.detach().clone() if init == "loftq" else None  # W, for LoftQ only
+        weight = (dense_weight(linear).detach().clone()  # (out, in) W, for LoftQ only
+                  if init == "loftq" else None)
         base = freeze_base(linear, quant_bits, compute_dtype, **quant_config)
-        layer = cls(base, r, lora_alpha, lora_dropout, init=init, weight=weight)
+        layer = cls(base, r, lora_alpha, lora_dropout, init=init, weight=weight,
+                    fan_in_fan_out=is_conv1d(linear))
         for _ in range(1, loftq_iters if init == "loftq" else 1):
             target = weight.float() - layer.delta_weight(torch.float32)
             layer.base_layer = base.requantize(target.to(weight.dtype)).requires_grad_(False)
@@ -232,6 +261,9 @@ class LoRALinear(nn.Module):
         compute_dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
         xc = x.to(compute_dtype)
         p = self.lora_dropout if self.training else 0.0
+        if p == 0 and not torch.is_grad_enabled():  # generation: no backward to prepare for
+            return qlora_inference(xc, self.base_layer, self.base_layer.bias, self.lora_A,
+                                   self.lora_B, self.scaling).to(x.dtype)
         # shapes are the layer's own (checked when it was built): straight to the function
         out = QLoRAMatmul.apply(xc, self.base_layer, self.base_layer.bias, self.lora_A,
                                 self.lora_B, self.scaling, dropout_mask(xc, p), p)
@@ -248,7 +280,8 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         r"""Fold the adapters into the weight: :math:`\mathbf W' = \hat{\mathbf W} + \Delta\mathbf W`.
 
-        * 16-bit base: in place, ``W += delta`` (PEFT's merge).
+        * 16-bit base: in place, ``W += delta`` (PEFT's merge; a ``Conv1D``'s
+          ``(in, out)`` weight gets :math:`\Delta\mathbf W^\top`).
         * quantized base: into the *dequantized* weight, held in ``weight_dtype``
           as the ``merged_weight`` buffer; the stored codes are untouched, so
           :meth:`unmerge` is exact. (This is what the adapters were trained
@@ -263,7 +296,7 @@ class LoRALinear(nn.Module):
                           + self.delta_weight(torch.float32))          # dequant(W4) + s B A
                 self.merged_weight = merged.to(self.base_layer.weight_dtype)
             else:
-                w = self.base_layer.weight
+                w = dense_weight(self.base_layer)  # (out, in), a view of the stored weight
                 w += self.delta_weight(torch.float32).to(w.dtype)
         self.merged = True
 
@@ -277,7 +310,7 @@ class LoRALinear(nn.Module):
             if self.merged_weight is not None:
                 self.merged_weight = None
             else:
-                w = self.base_layer.weight
+                w = dense_weight(self.base_layer)  # (out, in), a view of the stored weight
                 w -= self.delta_weight(torch.float32).to(w.dtype)
         self.merged = False
 
@@ -295,4 +328,5 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-                f"lora_dropout={self.lora_dropout}, merged={self.merged}")
+                f"lora_dropout={self.lora_dropout}, merged={self.merged}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))

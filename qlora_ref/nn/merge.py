@@ -20,6 +20,28 @@ checkpoint) undoes part of what was learned, and "requantize" (PEFT's
 smaller than a quantization step, back to the nearest code.
 :func:`merge_errors` reports the output error of each against the unmerged
 model.
+
+Note (requantize is PEFT's merge, byte for byte): ``peft.tuners.lora.bnb.Linear4bit.merge``
+(peft 0.21) dequantizes the weight to the dtype it was quantized from
+(``bitsandbytes.functional.dequantize_4bit``), adds ``get_delta_weight``
+(float32 adapters: the sum is float32) and builds a new ``Params4bit`` from
+the sum, which ``bitsandbytes.functional.quantize_4bit`` quantizes *once*
+with the layer's ``blocksize``, ``quant_type`` and ``compress_statistics``.
+:func:`merge_lora` does the same, so from the same base bytes the merged
+4-bit codes equal bitsandbytes', and so does every other byte without double
+quantization (``tests/test_nn_merge.py``, ``tests/test_hf_architectures.py``).
+With double quantization the 8-bit constants carry the known differences of
+bitsandbytes' CPU path (its float32 mean for the offset, its code lookup;
+``tests/test_bitsandbytes_parity.py``). Metadata differs too: bitsandbytes
+records the sum's dtype (float32) as the new weight's dtype, we keep the
+base's (or ``dtype``).
+
+Note (fan_in_fan_out): a layer that wraps a ``transformers`` ``Conv1D``
+(GPT-2; ``layer.fan_in_fan_out`` is True) stores its weight ``(in, out)``.
+The 16-bit merges give back a ``Conv1D`` holding :math:`\mathbf W'^\top`, so
+the merged model keeps its class's layout and saves and loads with
+``transformers``; "requantize" gives a 4-bit layer, which is ``(out, in)``
+in every case (as bitsandbytes stores GPT-2's layers).
 """
 from __future__ import annotations
 
@@ -30,6 +52,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from .autograd import dense_weight, is_conv1d
 from .lora import LoRALinear
 from .model import replace_module
 from .quantized import QuantizedLinear, as_torch_dtype
@@ -46,28 +69,34 @@ def _base_weight_dtype(layer: LoRALinear) -> torch.dtype:
     return base.weight_dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
 
 
-def merged_weight(layer: LoRALinear, strategy: str = "dequant",
-                  original_weight: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
-    r"""The merged ``(out, in)`` weight of ``layer`` under ``strategy``, in ``dtype``.
-
-    The sum is formed in float32 and rounded once to ``dtype`` (default: the
-    dtype of the weight before quantization). ``"original"`` needs
-    ``original_weight``, the 16-bit weight the base was quantized from. On a
-    16-bit base all three reduce to :math:`\mathbf W + s\mathbf B\mathbf A` and
-    only ``"dequant"`` is accepted.
-    """
+def _check_merge(layer, strategy: str) -> None:
     if strategy not in MERGE_STRATEGIES:
         raise ValueError(f"strategy must be one of {MERGE_STRATEGIES}, got {strategy!r}")
     if not isinstance(layer, LoRALinear):
         raise ValueError(f"expected a LoRALinear, got {type(layer).__name__}")
     if layer.merged:
         raise ValueError(f"{layer.label()} is merged already; unmerge() it first")
+    if not isinstance(layer.base_layer, QuantizedLinear) and strategy != "dequant":
+        raise ValueError(f"{layer.label()} has a 16-bit base; strategy {strategy!r} applies only "
+                         "to quantized bases")
+
+
+def merged_weight(layer: LoRALinear, strategy: str = "dequant",
+                  original_weight: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    r"""The merged ``(out, in)`` weight of ``layer`` under ``strategy``, in ``dtype``.
+
+    The sum is formed in float32 and rounded once to ``dtype`` (default: the
+    dtype of the weight before quantization); for ``"requantize"`` the sum is
+    quantized once (as PEFT + bitsandbytes do) and its dequantization returned,
+    so this equals ``merge_lora(layer, "requantize").dequantize(dtype)``. ``"original"`` needs
+    ``original_weight``, the 16-bit weight the base was quantized from. On a
+    16-bit base all three reduce to :math:`\mathbf W + s\mathbf B\mathbf A` and
+    only ``"dequant"`` is accepted.
+    """
+    _check_merge(layer, strategy)
     base = layer.base_layer
     dtype = _base_weight_dtype(layer) if dtype is None else as_torch_dtype(dtype)
     quantized = isinstance(base, QuantizedLinear)
-    if not quantized and strategy != "dequant":
-        raise ValueError(f"{layer.label()} has a 16-bit base; strategy {strategy!r} applies only "
-                         "to quantized bases")
     with torch.no_grad():
         delta = layer.delta_weight(torch.float32)                       # (out, in)
         if strategy == "original":
@@ -77,23 +106,67 @@ def merged_weight(layer: LoRALinear, strategy: str = "dequant",
                 raise ValueError(f"{layer.label()}: strategy 'original' needs the original weight "
                                  f"of shape {shape}, got {got}")
             return (original_weight.detach().float() + delta).to(dtype)
-        w = base.dequantize(torch.float32) if quantized else base.weight.float()
-        merged = w + delta                                              # dequant(W4) + s B A
         if strategy == "requantize":
-            merged = base.requantize(merged).dequantize(torch.float32)
+            return _requantized(layer, dtype).dequantize(dtype)
+        w = base.dequantize(torch.float32) if quantized else dense_weight(base).float()
+        merged = w + delta                                              # dequant(W4) + s B A
         return merged.to(dtype)
+
+
+def _requantized(layer: LoRALinear, dtype=None) -> QuantizedLinear:
+    r"""PEFT's 4-bit merge, quantized once.
+
+    .. math::
+
+        Q\big(\operatorname{dequant}(\mathbf W^{\text{NF4}}) + s\mathbf B\mathbf A\big)
+
+    As ``peft.tuners.lora.bnb.Linear4bit.merge``: dequantize to the dtype the
+    weight was quantized from, add the update (the sum is float32) and
+    quantize that sum with the base's format. ``dtype`` (default the base's
+    ``weight_dtype``) is only recorded as the new layer's ``weight_dtype``.
+    """
+    base = layer.base_layer
+    with torch.no_grad():
+        w = base.dequantize(base.weight_dtype).float()   # bitsandbytes' dequantize_4bit  (out, in)
+        merged = w + layer.delta_weight(torch.float32)   # dequant(W4) + s B A, float32
+        new = base.requantize(merged)                    # the one quantization
+    new.weight_dtype = base.weight_dtype if dtype is None else as_torch_dtype(dtype)
+    new.name = base.name
+    return new.requires_grad_(False)
+
+
+def _conv1d(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A frozen ``transformers`` ``Conv1D`` storing the ``(out, in)`` ``weight`` as ``(in, out)``."""
+    from transformers.pytorch_utils import Conv1D
+
+    out_features, in_features = weight.shape
+    conv = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.t())                                   # (in, out)
+        if bias is None:
+            conv.bias = None
+        else:
+            conv.bias.copy_(bias)
+    return conv.requires_grad_(False)
 
 
 def merge_lora(layer: LoRALinear, strategy: str = "dequant",
                original_weight: torch.Tensor | None = None, dtype=None) -> nn.Module:
-    """A standalone layer computing ``layer`` merged: an ``nn.Linear``, or a quantized layer for ``"requantize"``.
+    """A standalone layer computing ``layer`` merged.
 
-    The returned layer is frozen; ``layer`` itself is not changed.
+    An ``nn.Linear`` (a ``transformers`` ``Conv1D`` when ``layer.fan_in_fan_out``,
+    so a GPT-2 keeps its layout), or for ``"requantize"`` a quantized layer of
+    the base's format holding the merged weight quantized once (PEFT's merge;
+    see the module note). The returned layer is frozen; ``layer`` itself is
+    not changed.
     """
     base = layer.base_layer
-    weight = merged_weight(layer, strategy, original_weight, dtype)
     if strategy == "requantize":
-        return base.requantize(weight).requires_grad_(False)
+        _check_merge(layer, strategy)
+        return _requantized(layer, dtype)
+    weight = merged_weight(layer, strategy, original_weight, dtype)     # (out, in)
+    if getattr(layer, "fan_in_fan_out", False):
+        return _conv1d(weight, base.bias)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
                        device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -107,8 +180,10 @@ def _original_weights(original) -> Mapping:
     if original is None:
         return {}
     if isinstance(original, nn.Module):
-        return {name: m.weight for name, m in original.named_modules() if isinstance(m, nn.Linear)}
+        return {name: dense_weight(m) for name, m in original.named_modules()
+                if isinstance(m, nn.Linear) or is_conv1d(m)}
     return original
+
 
 
 def merge_and_unload(model: nn.Module, strategy: str = "dequant", original=None,
@@ -207,7 +282,7 @@ def merge_errors(model: nn.Module, inputs, original=None, strategies=None,
                        if isinstance(m, LoRALinear)}
             merged = merge_and_unload(merged, strategy, original, dtype)
             for name, m in merged.named_modules():  # store in `dtype`, compute as trained
-                if name in compute and isinstance(m, nn.Linear):
+                if name in compute and (isinstance(m, nn.Linear) or is_conv1d(m)):
                     m.to(compute[name])
             y = _output(merged, inputs)
             results[strategy] = MergeError(strategy, float((y - reference).abs().max()),

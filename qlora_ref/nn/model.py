@@ -10,11 +10,44 @@ Mirrors PEFT's ``get_peft_model`` with a ``LoraConfig`` and
 ``prepare_model_for_kbit_training`` (freeze everything but the adapters),
 including its module matching:
 
-* ``target_modules="all-linear"``: every ``nn.Linear`` except the output head
+* ``target_modules="all-linear"``: every linear layer except the output head
   (a module named ``lm_head``, or the one ``model.get_output_embeddings()`` returns);
+  a linear layer is an ``nn.Linear`` (bitsandbytes' ``Linear4bit`` is one) or
+  a ``transformers`` ``Conv1D`` (GPT-2), as PEFT counts them;
 * a list of names: a module matches if its path equals a name or ends in
   ``"." + name`` (``"q_proj"`` matches ``"layers.0.attn.q_proj"``);
 * any other string: a regular expression the full path must match (``re.fullmatch``).
+
+Note (Conv1D): GPT-2's ``Conv1D`` stores :math:`\mathbf W^\top`, ``(in, out)``,
+and computes :math:`\mathbf X\mathbf W^\top + \mathbf b` as ``addmm(b, X, W^T)``.
+A quantized base holds :math:`\mathbf W`, ``(out, in)``, as bitsandbytes does
+when transformers loads GPT-2 in 4 bits; a 16-bit base stays the ``Conv1D``
+(same storage, same ``addmm``, so the model's outputs are unchanged bit for
+bit) and ``LoRALinear.fan_in_fan_out`` is True, PEFT's flag for it.
+
+Note (bitsandbytes-loaded models): a ``bitsandbytes.nn.Linear4bit`` (a model
+loaded with ``BitsAndBytesConfig(load_in_4bit=True)``) is imported as the
+4-bit base with its bytes unchanged; its format must be the one asked for.
+Any other layer whose weight is not floating point (``Linear8bitLt``, ...)
+is a ``ValueError`` naming it.
+
+Note (saving and loading): a prepared model's ``state_dict`` holds tensors
+only (the 4-bit bases in bitsandbytes' serialized layout, see
+:mod:`~qlora_ref.nn.quantized`), so ``model.save_pretrained(dir)``,
+``safetensors.torch.save_model`` and ``transformers.Trainer`` checkpoints
+(with ``resume_from_checkpoint``) work. To reload, prepare the same base
+with the same settings and load the file::
+
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(base), r=8)
+    safetensors.torch.load_model(model, f"{dir}/model.safetensors")
+
+The keys are ``<path>.base_layer.weight...`` and ``<path>.lora_A`` /
+``<path>.lora_B``, so ``AutoModelForCausalLM.from_pretrained(dir)`` alone does
+not rebuild the adapters. The 4-bit base alone does load there: with each
+``LoRALinear`` replaced by its ``base_layer`` and
+``model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True,
+...)`` (the base's format), ``save_pretrained`` writes what transformers +
+bitsandbytes load (``tests/test_hf_checkpoints.py``).
 """
 from __future__ import annotations
 
@@ -22,8 +55,11 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
 import torch.nn as nn
 
+from .autograd import dense_weight, is_conv1d
+from .linear4bit import Linear4bit
 from .lora import INITS, QUANT_BITS, LoRALinear
 from .quantized import QuantizedLinear
 
@@ -45,19 +81,32 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)  # PEFT's suffix rule
 
 
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+_LINEAR_TYPES = "nn.Linear (bitsandbytes' Linear4bit included) or transformers' Conv1D"
+
+
 def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[str]:
-    """Paths of the ``nn.Linear`` modules that ``target_modules`` selects (see the module docstring).
+    """Paths of the linear layers that ``target_modules`` selects (see the module docstring).
 
     Raises
     ------
     ValueError
         If a listed name matches no module, or matches a module that is not
-        an ``nn.Linear``; the message lists the linear layers there are.
+        a linear layer (the message lists the linear layers there are), or
+        ``"all-linear"`` finds none.
     """
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [name for name, m in model.named_modules() if _is_linear(m)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
-        return [name for name in linear if name not in heads]
+        chosen = [name for name in linear if name not in heads]
+        if not chosen:
+            raise ValueError(f"target_modules='all-linear' found no layer to wrap in "
+                             f"{type(model).__name__}: it looked for {_LINEAR_TYPES}, output "
+                             f"head excluded, and found {linear or 'none'}")
+        return chosen
     if isinstance(target_modules, str):
         from .adapters import check_regex_cost  # (adapters imports this module)
 
@@ -78,10 +127,10 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
             raise ValueError(f"target module {target!r} is not in the model; its nn.Linear "
                              f"layers are named {leaves}")
         wrong = [f"{name} ({type(modules[name]).__name__})" for name in hits
-                 if not isinstance(modules[name], nn.Linear)]
+                 if not _is_linear(modules[name])]
         if wrong:
             raise ValueError(f"target module {target!r} matches {wrong}, which is not an "
-                             "nn.Linear; only linear layers can get LoRA adapters")
+                             f"{_LINEAR_TYPES}; only linear layers can get LoRA adapters")
     return [name for name in linear if any(_matches(name, t) for t in target_modules)]
 
 
@@ -101,7 +150,8 @@ def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dro
     Parameters
     ----------
     model : nn.Module
-        Any torch model; must not hold ``LoRALinear`` layers already.
+        Any torch model (``nn.Linear``, GPT-2's ``Conv1D``, or bitsandbytes'
+        ``Linear4bit`` layers); must not hold ``LoRALinear`` layers already.
     r, lora_alpha, lora_dropout
         See :class:`~qlora_ref.nn.LoRALinear`.
     target_modules : "all-linear", list of str, or str
@@ -155,8 +205,10 @@ def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dro
         config = dict(blocksize=256 if blocksize is None else blocksize)
 
     names = find_target_modules(model, target_modules)
-    model.requires_grad_(False)  # freeze everything; the new adapters are created trainable
     modules = dict(model.named_modules())
+    for name in names:  # all checked before anything changes
+        _check_supported(name, modules[name])
+    model.requires_grad_(False)  # freeze everything; the new adapters are created trainable
     for name in names:
         linear = modules[name]
         layer = LoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha,
@@ -166,6 +218,18 @@ def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dro
         layer.name = layer.base_layer.name = name
         model = replace_module(model, name, layer)
     return model
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    """Raise ``ValueError`` naming the layer if it cannot become a base (see the module note)."""
+    if Linear4bit.is_bitsandbytes_layer(module):
+        return
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ValueError(f"layer '{name}' ({type(module).__module__}.{type(module).__name__}) "
+                         f"holds a {getattr(weight, 'dtype', type(weight).__name__)} weight: "
+                         "it is quantized by another library, and only bitsandbytes' Linear4bit "
+                         "can be imported; load the model in 16 or 32 bits instead")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -234,8 +298,8 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
             total += module.weight_numel
             base_params += module.weight_numel
             base_bytes += module.nbytes
-        elif isinstance(module, LoRALinear) and isinstance(module.base_layer, nn.Linear):
-            weight = module.base_layer.weight
+        elif isinstance(module, LoRALinear) and _is_linear(module.base_layer):
+            weight = dense_weight(module.base_layer)
             base_params += weight.numel()
             base_bytes += weight.numel() * weight.element_size()
     return ParameterCount(trainable, total, base_params, base_bytes, 2 * base_params)

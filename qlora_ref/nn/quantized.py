@@ -19,6 +19,15 @@ dynamic code) are the two subclasses; a 16-bit base is a plain, frozen
 Mirrors the parts of ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt`` that a
 frozen base needs (no training of the quantized weight).
 
+Note (state dict): a base layer saves tensors only, in bitsandbytes'
+serialized layout -- ``weight`` (the codes, uint8), ``weight.<constant>``
+entries and a ``weight.quant_state.<owner>__<format>`` uint8 tensor holding
+JSON metadata -- plus ``bias``. So ``save_pretrained``, safetensors and
+``transformers.Trainer`` checkpoints store it, and a 4-bit NF4/FP4 layer's
+entries are exactly those of a ``bitsandbytes.nn.Linear4bit``. Loading
+reports missing and unexpected keys as ``nn.Module`` does (``strict``), and a
+state of another format is a ``ValueError`` naming the layer.
+
 Note (dtype casts): ``model.to(torch.bfloat16)`` converts every floating
 buffer of a module. The quantization constants (absmax, code tables, offset)
 must stay float32 or the stored weight changes, so ``_apply`` moves them to
@@ -29,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .autograd import qlora_linear
+from .autograd import dense_weight, is_conv1d, qlora_linear
 
 __all__ = ["QuantizedLinear", "as_torch_dtype"]
 
@@ -59,7 +68,9 @@ class QuantizedLinear(nn.Module):
     """A frozen linear layer stored compressed and dequantized on the fly.
 
     Subclasses define ``bits``, :meth:`dequantize`, :meth:`from_weight`,
-    :meth:`quant_config` and :attr:`nbytes`.
+    :meth:`quant_config`, :attr:`nbytes` and the state-dict layout
+    (:meth:`weight_state_dict`, :meth:`weight_state_dict_keys`,
+    :meth:`load_weight_state_dict`).
 
     Parameters
     ----------
@@ -112,6 +123,19 @@ class QuantizedLinear(nn.Module):
         """Bytes of the stored weight: codes plus quantization constants (code tables excluded)."""
         raise NotImplementedError
 
+    def weight_state_dict(self, key: str = "weight") -> dict:
+        """The stored weight as state-dict tensors: ``key`` (the codes) and ``key.<...>`` entries."""
+        raise NotImplementedError
+
+    @staticmethod
+    def weight_state_dict_keys(state_dict, key: str = "weight") -> list:
+        """The keys of ``state_dict`` that :meth:`weight_state_dict` would write under ``key``."""
+        raise NotImplementedError
+
+    def load_weight_state_dict(self, entries: dict, key: str = "weight") -> None:
+        """Copy the stored weight from :meth:`weight_state_dict`-style ``entries`` (same format)."""
+        raise NotImplementedError
+
     # -- shared behaviour --------------------------------------------------------
     @property
     def weight_numel(self) -> int:
@@ -124,13 +148,22 @@ class QuantizedLinear(nn.Module):
         return next(b for b in self.buffers() if b is not None).device
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype=None, **config) -> "QuantizedLinear":
-        """Quantize an ``nn.Linear`` (weight and bias are copied; the original is untouched)."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{cls.__name__}.from_linear expects an nn.Linear, "
+    def from_linear(cls, linear: nn.Module, compute_dtype=None, **config) -> "QuantizedLinear":
+        r"""Quantize an ``nn.Linear`` or ``Conv1D`` (weight and bias are copied; the original is untouched).
+
+        A ``Conv1D`` (GPT-2) stores :math:`\mathbf W^\top`, ``(in, out)``; the
+        ``(out, in)`` weight :math:`\mathbf W` is what gets quantized, as
+        bitsandbytes does when transformers loads GPT-2 in 4 bits.
+        """
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise ValueError(f"{cls.__name__}.from_linear expects an nn.Linear or Conv1D, "
                              f"got {type(linear).__name__}")
-        return cls.from_weight(linear.weight.detach(), linear.bias, compute_dtype=compute_dtype,
-                               **config)
+        if not linear.weight.is_floating_point():
+            raise ValueError(f"{cls.__name__}.from_linear: {type(linear).__name__} holds a "
+                             f"{linear.weight.dtype} weight, not a floating-point one (already "
+                             "quantized by another library?)")
+        return cls.from_weight(dense_weight(linear).detach(), linear.bias,
+                               compute_dtype=compute_dtype, **config)
 
     def _copy_bias(self, bias: torch.Tensor | None) -> None:
         """Set the frozen bias from ``bias`` (shape ``(out_features,)``), or check there is none."""
@@ -162,6 +195,38 @@ class QuantizedLinear(nn.Module):
         self.check_input(x)
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)
         return qlora_linear(x_c, self, self.bias).to(x.dtype)
+
+    # -- the state dict: tensors only (see the module note) -----------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        entries = self.weight_state_dict(prefix + "weight")
+        destination[prefix + "weight"] = entries.pop(prefix + "weight")  # bitsandbytes' order
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination.update(entries)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key, bias_key = prefix + "weight", prefix + "bias"
+        mine = self.weight_state_dict_keys(state_dict, key)
+        if key in state_dict:
+            self.load_weight_state_dict({k: state_dict[k] for k in mine}, key)
+        else:
+            missing_keys.append(key)
+        if self.bias is not None and bias_key in state_dict:
+            bias = state_dict[bias_key]
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                error_msgs.append(f"{self.label()}: {bias_key} has shape "
+                                  f"{tuple(getattr(bias, 'shape', ()))}, expected "
+                                  f"({self.out_features},)")
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(bias)
+        elif self.bias is not None:
+            missing_keys.append(bias_key)
+        if strict:
+            known = set(mine) | ({bias_key} if self.bias is not None else set())
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k not in known)
 
     def _apply(self, fn, recurse=True):
         # see the module note (dtype casts): constants keep their dtype, follow the device

@@ -111,9 +111,6 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.per_device_train_batch_size > self.train_size:  # bounds a micro-batch's memory
-            raise ValueError(f"per_device_train_batch_size {self.per_device_train_batch_size} "
-                             f"is larger than the training set ({self.train_size} examples)")
         for name in ("learning_rate", "lora_alpha", "lora_dropout", "weight_decay",
                      "num_train_epochs"):
             value = getattr(self, name)
@@ -153,6 +150,13 @@ class FinetuneConfig:
             from ..nn.adapters import check_regex_cost
 
             check_regex_cost(self.target_modules, "target_modules")
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """The fields that say what data the run reads (a JSONL run overrides this)."""
+        if self.per_device_train_batch_size > self.train_size:  # bounds a micro-batch's memory
+            raise ValueError(f"per_device_train_batch_size {self.per_device_train_batch_size} "
+                             f"is larger than the training set ({self.train_size} examples)")
         tasks.get_task(self.task)  # unknown task -> ValueError listing the known ones
 
     @property
@@ -193,7 +197,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 def _check_field_types(config) -> None:
     """Raise ``ValueError`` naming the first field whose value has the wrong JSON type."""
-    for name, types in FIELD_TYPES.items():
+    for name, types in {**FIELD_TYPES, **getattr(config, "EXTRA_FIELD_TYPES", {})}.items():
         value = getattr(config, name)
         if isinstance(value, bool) or isinstance(value, np.bool_):
             ok = bool in types
@@ -213,9 +217,11 @@ def _check_field_types(config) -> None:
 def load_config(path: str | os.PathLike, name: str, **overrides) -> FinetuneConfig:
     """Read the named configuration from a JSON file of ``{name: {field: value}}``.
 
-    Unknown fields are an error that lists the known ones; ``lora_r`` is
+    Keys starting with ``_`` are comments. Unknown fields are an error that lists the known ones; ``lora_r`` is
     accepted for ``r``, and ``learning_rate``-style names as in
-    :class:`FinetuneConfig`. ``overrides`` (``None`` values ignored) win
+    :class:`FinetuneConfig`. An entry with a ``dataset_path`` (or a
+    ``dataset_path`` override) is a JSONL run on a Hugging Face model and
+    gives a :class:`~qlora_ref.train.hf_finetune.HFFinetuneConfig`. ``overrides`` (``None`` values ignored) win
     over the file.
 
     The file is checked against :data:`FIELD_TYPES` and the ranges of
@@ -240,9 +246,16 @@ def load_config(path: str | os.PathLike, name: str, **overrides) -> FinetuneConf
     if not isinstance(configs[name], dict):
         raise ValueError(f"{path}:{name}: must be a JSON object of fields, "
                          f"got a {type(configs[name]).__name__}")
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    config_class = FinetuneConfig
+    if "dataset_path" in configs[name] or overrides.get("dataset_path"):
+        from .hf_finetune import HFFinetuneConfig  # a JSONL run on a Hugging Face model
+
+        config_class = HFFinetuneConfig
+    fields = {f.name for f in dataclasses.fields(config_class)}
     values = {}
     for key, value in configs[name].items():
+        if key.startswith("_"):  # a comment, e.g. "_source"
+            continue
         key = CONFIG_ALIASES.get(key, key)
         if key is None:
             continue
@@ -253,12 +266,16 @@ def load_config(path: str | os.PathLike, name: str, **overrides) -> FinetuneConf
         if key not in fields:
             raise ValueError(f"{path}:{name}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
         values[key] = value
+    file_values = dict(values)
+    if config_class is not FinetuneConfig:  # a hub name in the file is replaced by --model
+        file_values.update({k: v for k, v in overrides.items()
+                            if k in ("base_model", "dataset_path") and v is not None})
     try:
-        FinetuneConfig(**values)  # the file alone: its errors name the file
+        config_class(**file_values)  # the file alone: its errors name the file
     except ValueError as exc:
         raise ValueError(f"{path}:{name}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return FinetuneConfig(**values)
+    return config_class(**values)
 
 
 @dataclasses.dataclass
@@ -276,6 +293,8 @@ class FinetuneResult:
     peak_memory_bytes: Optional[int] = None
     output_dir: Optional[str] = None
     resumed_from_step: int = 0  #: the checkpoint's step when resumed, else 0
+    #: a few inputs with the model's outputs: [{"prompt", "expected", "before", "after"}]
+    examples: list = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -572,6 +591,9 @@ def _train(config, device, rank, world, out, resume_from, stop_after, progress,
                                weight_decay=config.weight_decay)
     before = tasks.evaluate(model, config.task, n=config.eval_size, device=device) \
         if rank == 0 and evaluate_before else {}
+    shown = tasks.held_out(config.task, REPORT_EXAMPLES) if rank == 0 else []
+    shown_before = [complete_tiny(model, p, len(a) + 1, device) if evaluate_before else None
+                    for p, a in shown]
 
     step, history, seconds_before = 0, [], 0.0
     if saved is not None:
@@ -652,7 +674,10 @@ def _train(config, device, rank, world, out, resume_from, stop_after, progress,
                             parameters=dataclasses.asdict(params) if dataclasses.is_dataclass(params)
                             else dict(params), seconds=seconds, steps=step, device=str(device),
                             peak_memory_bytes=peak, output_dir=str(out) if out else None,
-                            resumed_from_step=resumed_from)
+                            resumed_from_step=resumed_from,
+                            examples=[{"prompt": p, "expected": a, "before": b,
+                                       "after": complete_tiny(model, p, len(a) + 1, device)}
+                                      for (p, a), b in zip(shown, shown_before)])
     if writer:
         if last_saved != step:
             checkpoint(step, seconds)
@@ -670,6 +695,24 @@ def _train(config, device, rank, world, out, resume_from, stop_after, progress,
             write_report(result, out)
     result.model = model  # for callers that keep working with it (not serialised)
     return result
+
+
+#: Held-out examples shown with the model's answers before and after, in the report.
+REPORT_EXAMPLES = 3
+
+
+@torch.no_grad()
+def complete_tiny(model, prompt: str, max_new_tokens: int = 16, device=None) -> str:
+    """The tiny GPT's greedy continuation of a task prompt (``tasks`` vocabulary), up to EOS."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        idx = torch.tensor([[tasks.BOS_ID] + tasks.encode(prompt)], device=device)  # (1, T)
+        new = model.generate_greedy(idx, max_new_tokens)[0, idx.shape[1]:]            # (new,)
+    finally:
+        model.train(was_training)
+    return tasks.decode(new.tolist()).split(tasks.EOS)[0]
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -3,8 +3,8 @@
 QLoRA starts from a pretrained model (LLaMA in Dettmers et al. 2023, sec. 4).
 Ours is a small :class:`~qlora_ref.train.gpt.GPT` trained from scratch on
 the PRETRAIN tasks of :mod:`qlora_ref.train.tasks` (copy, reverse,
-increment) with AdamW, linear warm-up and cosine decay, nanoGPT-style. One
-such model ships with the package (``qlora_ref/assets/base_model.safetensors``)
+increment, on 3-8 digits) with AdamW, linear warm-up and cosine decay,
+nanoGPT-style. One such model ships with the package (``qlora_ref/assets/base_model.safetensors``)
 so fine-tuning never needs this step; see ``qlora_ref/assets/README.md`` for
 the command that made it and its accuracies.
 
@@ -16,9 +16,9 @@ few steps). The command fixes 2 threads, the setting that made the shipped
 file.
 
 One command, two spellings with the same flags and defaults:
-``qlora-ref pretrain`` and ``python -m qlora_ref.train.pretrain`` (which
-runs the first). With no flags it rebuilds the shipped model: seed 0,
-2000 steps, batch 64, lr 2e-3, 2 threads, AVX2 kernels (``--isa avx2``:
+``qlora-ref pretrain`` and ``python -m qlora_ref.train.pretrain`` (both
+built from :func:`add_arguments`). With no flags it rebuilds the shipped model: seed 0,
+3000 steps, batch 64, lr 2e-3, 2 threads, AVX2 kernels (``--isa avx2``:
 torch's and oneDNN's AVX-512 kernels round differently), on the CPU.
 
 The commands write to ``runs/pretrain/base_model.safetensors`` by default
@@ -39,13 +39,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .._atomic import atomic_path
 from .gpt import GPT, GPTConfig
 from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_batch
 
 __all__ = [
     "default_config", "pretrain", "save_base_model", "load_base_model",
-    "default_base_model_path", "default_output_path", "check_output_path", "run",
+    "default_base_model_path", "default_output_path", "check_output_path",
+    "add_arguments", "build_parser", "run", "main", "DEFAULTS",
 ]
+
+#: The settings that made the shipped file; :func:`pretrain`'s and the command's defaults.
+DEFAULTS = dict(steps=3000, batch_size=64, lr=2e-3, seed=0, threads=2, isa="avx2")
 
 _CONFIG_KEY = "gpt_config"  # safetensors metadata key holding GPTConfig as JSON
 
@@ -76,7 +81,7 @@ def _check_arguments(steps, batch_size, lr, num_threads) -> None:
         raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
 
 
-def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cpu",
+def pretrain(config=None, steps=3000, batch_size=64, lr=2e-3, seed=0, device="cpu",
              progress=True, task="pretrain", weight_decay=0.01, warmup=100, num_threads=None):
     """Train a GPT from scratch on a task (by default the PRETRAIN mixture).
 
@@ -84,7 +89,7 @@ def pretrain(config=None, steps=2000, batch_size=64, lr=2e-3, seed=0, device="cp
     ----------
     config : GPTConfig, optional
         Model size; default :func:`default_config`.
-    steps : int, default 2000
+    steps : int, default 3000
         Optimizer steps.
     batch_size : int, default 64
         Examples per step.
@@ -202,15 +207,8 @@ def save_base_model(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {_CONFIG_KEY: json.dumps(asdict(model.config)), "format": "pt"}
-    # write, fsync, rename: a kill or a full disk leaves the old file whole, never a torn one
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:  # a kill or a full disk leaves the old file whole
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_base_model(path=None, device="cpu"):
@@ -251,22 +249,70 @@ def load_base_model(path=None, device="cpu"):
     return model.to(device).eval()
 
 
+def build_parser():
+    """The parser of ``python -m qlora_ref.train.pretrain``: :func:`add_arguments` plus the
+    flags every ``qlora-ref`` command shares (``--seed``, default 0; ``--device``; ``--quiet``).
+
+    ``qlora-ref pretrain`` adds the same :func:`add_arguments` to its subcommand, so the two
+    spellings have one set of flags and defaults (``tests/test_pretrain.py`` compares them).
+    The CLI is a floor above this module, so it is not imported here.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_ref.train.pretrain",
+        description="Pretrain the tiny base GPT (the shipped model is this command's output "
+                    "with the defaults).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where to run (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="print only the results")
+    return add_arguments(parser)
+
+
 def main(argv=None):
     """``python -m qlora_ref.train.pretrain [ARGS]``: the same command as ``qlora-ref pretrain [ARGS]``.
 
-    One parser (:func:`qlora_ref.cli.build_parser`), so the flags and their
-    defaults cannot drift apart: ``--steps 2000 --batch-size 64 --lr 2e-3
-    --seed 0 --threads 2 --isa avx2 --device cpu --output runs/pretrain/base_model.safetensors``.
+    With no flags: ``--steps 3000 --batch-size 64 --lr 2e-3 --seed 0 --threads 2 --isa avx2
+    --device cpu --output runs/pretrain/base_model.safetensors``. A bad argument or output path
+    prints one line and returns 2.
     """
-    from ..cli import main as cli_main
-
-    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"python -m qlora_ref.train.pretrain: error: {exc}", file=sys.stderr)
+        return 2
 
 
 #: Environment read once per process, at the first CPU op, by ATen (its vectorised kernels)
 #: and oneDNN; AVX-512 and AVX2 kernels round differently. The shipped file was made with AVX2.
 _AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def add_arguments(parser):
+    """Add the ``pretrain`` command's own flags to an argparse parser.
+
+    The defaults are :data:`DEFAULTS`, the settings that made the shipped
+    file (``qlora_ref/assets/README.md``). ``--seed``, ``--device`` and
+    ``--quiet`` are the CLI's common flags (``--seed`` defaults to 0 there).
+    """
+    d = DEFAULTS
+    parser.add_argument("--steps", type=int, default=d["steps"],
+                        help=f"optimizer steps (default {d['steps']})")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
+                        help=f"examples per step (default {d['batch_size']})")
+    parser.add_argument("--lr", type=float, default=d["lr"],
+                        help=f"peak AdamW learning rate (default {d['lr']:g})")
+    parser.add_argument("--threads", type=int, default=d["threads"],
+                        help=f"torch CPU threads (default {d['threads']}; the result depends on it)")
+    parser.add_argument("--isa", choices=["avx2", "native"], default=d["isa"],
+                        help="CPU kernels of torch and oneDNN (default avx2, which made the "
+                             "shipped file; the result depends on it)")
+    parser.add_argument("--output", help="output .safetensors (default runs/pretrain/base_model"
+                        ".safetensors; a path inside the package is refused)")
+    return parser
 
 
 def run(args):

@@ -16,19 +16,28 @@ the PRETRAIN tasks; the FINE-TUNE tasks use task letters it has never seen.
 =========  ======  ============  ===========================================
 task       family  example       rule
 =========  ======  ============  ===========================================
-copy       pre     c3141=  3141  repeat the digits
-reverse    pre     r3141=  1413  digits in reverse order
-increment  pre     i3149=  4250  add 1 to each digit, 9 wraps to 0
-sort       fine    s3141=  1134  digits in ascending order (the default)
-dedup      fine    u3141=  314   drop repeated digits, keep first occurrence
+copy       pre     c3141=  3141  repeat the digits (3-8 of them)
+reverse    pre     r3141=  1413  digits in reverse order (3-8)
+increment  pre     i3149=  4250  add 1 to each digit, 9 wraps to 0 (3-8)
+sort       fine    s3141=  1134  digits in ascending order (3-6; the default)
+dedup      fine    u3141=  314   drop repeated digits, keep first one (3-6)
 add        fine    a31+4=  35    sum of two numbers of 1-3 digits
 =========  ======  ============  ===========================================
 
 ``pretrain`` is the uniform mixture of the PRETRAIN tasks.
 
+Note (lengths): the base is pretrained on longer inputs (3-8 digits,
+``PRETRAIN_DIGITS``) than the fine-tune tasks use (3-6, ``FINETUNE_DIGITS``),
+as a real base model has seen more than any one fine-tune needs (see
+``qlora_ref/assets/README.md``). The fine-tune tasks' examples, held-out sets
+and training sets do not depend on the pretraining lengths.
+
 Note (held-out sets): each task has a fixed evaluation set drawn from its own
 seed (``EVAL_SEED``). :func:`make_batch` rejects any prompt that is in some
-task's evaluation set, so training never sees an evaluation prompt.
+task's evaluation set, so training never sees an evaluation prompt. The test
+examples are the first ``n`` of that set (:func:`held_out`), a validation
+split for choosing hyperparameters its last ``n`` (:func:`validation_set`);
+they are disjoint while the two sizes add up to at most ``EVAL_SIZE``.
 """
 
 import zlib
@@ -39,10 +48,10 @@ import torch
 
 __all__ = [
     "VOCAB", "PAD", "BOS", "EOS", "PAD_ID", "BOS_ID", "EOS_ID",
-    "MIN_DIGITS", "MAX_DIGITS", "EVAL_SEED", "EVAL_SIZE",
+    "PRETRAIN_DIGITS", "FINETUNE_DIGITS", "EVAL_SEED", "EVAL_SIZE",
     "TASKS", "PRETRAIN_TASKS", "FINETUNE_TASKS", "DEFAULT_FINETUNE_TASK",
-    "encode", "decode", "get_task", "held_out", "make_batch", "evaluate",
-    "sample_pairs", "encode_pairs",
+    "encode", "decode", "get_task", "held_out", "validation_set", "make_batch", "evaluate",
+    "evaluate_pairs", "sample_pairs", "encode_pairs",
 ]
 
 # ----------------------------------------------------------------------------
@@ -85,41 +94,43 @@ def decode(ids):
 # ----------------------------------------------------------------------------
 # task generators: numpy Generator -> (prompt, answer)
 
-MIN_DIGITS, MAX_DIGITS = 3, 6
+PRETRAIN_DIGITS = (3, 8)  # (fewest, most) digits of a pretrain task's input
+FINETUNE_DIGITS = (3, 6)  # the same for sort and dedup; see the note on lengths
 
 
-def _digits(rng):
-    n = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+def _digits(rng, lengths):
+    lo, hi = lengths
+    n = int(rng.integers(lo, hi + 1))
     return "".join(str(d) for d in rng.integers(0, 10, size=n))
 
 
 def copy(rng):
     """``c3141=`` -> ``3141``."""
-    s = _digits(rng)
+    s = _digits(rng, PRETRAIN_DIGITS)
     return f"c{s}=", s
 
 
 def reverse(rng):
     """``r3141=`` -> ``1413``."""
-    s = _digits(rng)
+    s = _digits(rng, PRETRAIN_DIGITS)
     return f"r{s}=", s[::-1]
 
 
 def increment(rng):
     """``i3149=`` -> ``4250`` (each digit plus one, modulo 10)."""
-    s = _digits(rng)
+    s = _digits(rng, PRETRAIN_DIGITS)
     return f"i{s}=", "".join(str((int(d) + 1) % 10) for d in s)
 
 
 def sort(rng):
     """``s3141=`` -> ``1134``."""
-    s = _digits(rng)
+    s = _digits(rng, FINETUNE_DIGITS)
     return f"s{s}=", "".join(sorted(s))
 
 
 def dedup(rng):
     """``u3141=`` -> ``314`` (first occurrence of each digit, in order)."""
-    s = _digits(rng)
+    s = _digits(rng, FINETUNE_DIGITS)
     return f"u{s}=", "".join(dict.fromkeys(s))
 
 
@@ -198,6 +209,28 @@ def held_out(task, n=EVAL_SIZE):
     return list(_held_out(task)[:n])
 
 
+def validation_set(task, n=200):
+    """The last ``n`` fixed held-out examples of a task: a validation split.
+
+    Disjoint from the test examples ``held_out(task, m)`` whenever
+    ``n + m <= EVAL_SIZE``; choose hyperparameters on this, report on those.
+
+    Parameters
+    ----------
+    task : str
+        A name in ``TASKS``.
+    n : int, default 200
+        How many examples, at most ``EVAL_SIZE``.
+
+    Returns
+    -------
+    list of (str, str)
+    """
+    if not 0 < n <= EVAL_SIZE:
+        raise ValueError(f"n must be in 1..{EVAL_SIZE}, got {n}")
+    return list(_held_out(task)[EVAL_SIZE - n:])
+
+
 @lru_cache(maxsize=None)
 def _all_held_out_prompts():
     return frozenset(p for name in TASKS for p, _ in _held_out(name))
@@ -259,7 +292,6 @@ def make_batch(task, batch_size, rng, block_size):
 # evaluation
 
 
-@torch.no_grad()
 def evaluate(model, task, n=200, device=None, batch_size=256):
     """Exact-match accuracy of greedy answers, and answer-token loss.
 
@@ -284,7 +316,15 @@ def evaluate(model, task, n=200, device=None, batch_size=256):
         answer followed by EOS; ``loss``: mean cross-entropy per answer token
         (EOS included) under teacher forcing.
     """
-    pairs = held_out(task, n)
+    return evaluate_pairs(model, held_out(task, n), device=device, batch_size=batch_size)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, device=None, batch_size=256):
+    """:func:`evaluate` on given (prompt, answer) pairs, e.g. :func:`validation_set`'s."""
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("evaluate_pairs needs at least one (prompt, answer) pair")
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training

@@ -1,6 +1,6 @@
 r"""Speed of the 4-bit storage paths, against bitsandbytes, torchao and a memory copy.
 
-``python -m qlora_ref.bench`` (the CLI's ``qlora-ref bench`` calls the same
+``python -m qlora_ref.cli.bench`` (the CLI's ``qlora-ref bench`` calls the same
 :func:`main`) prints one table per matrix size, every number from the same
 run. Operations (NF4, blocksize 64, double quantization as in the paper):
 
@@ -33,9 +33,9 @@ Method (named notes):
   plain torch. Ratios ("x bnb") compare rows with the same thread count.
 * *Dynamo off.* bitsandbytes wraps some CPU fallbacks in ``torch.compile``;
   compiling would dominate the first calls (and the fallbacks are not taken
-  for these shapes). :func:`main` sets ``TORCHDYNAMO_DISABLE=1`` (unless set)
-  before torch is imported, and :func:`run_benchmarks` sets
-  ``torch._dynamo.config.disable`` for the run.
+  for these shapes). The measuring child process starts with
+  ``TORCHDYNAMO_DISABLE=1`` (unless set), and the run sets
+  ``torch._dynamo.config.disable`` (restored afterwards).
 * *Allocation included, page faults not.* Every row returns a fresh output
   (as the APIs do); the copy row copies into a preallocated buffer. Whether
   a fresh 64 MiB output costs page faults depends on glibc's history: a
@@ -43,10 +43,17 @@ Method (named notes):
   request is a new ``mmap`` faulted in page by page (4 KiB pages for torch,
   2 MiB huge pages for NumPy; 16384 faults cost bitsandbytes about 40 ms
   here). To measure the operations rather than that history, the benchmark
-  sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` high (process
-  wide, ``mallopt``) so that outputs reuse heap memory;
-  ``--fresh-pages`` leaves the allocator alone. The tables print the page
-  faults per call of the dequantization rows.
+  sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` high (``mallopt``)
+  so that outputs reuse heap memory; ``--fresh-pages`` leaves the allocator
+  alone. The tables print the page faults per call of the dequantization rows.
+* *The caller's process is left as it was.* ``mallopt`` is process wide and
+  cannot be undone (glibc's adaptive thresholds do not come back), so a
+  heap-reuse run measures in a fresh child process
+  (``python -m qlora_ref.cli.bench --report-json FILE ...``) whose tables are
+  relayed and whose numbers come back as JSON. An in-process run
+  (``fresh_pages=True``) sets thread counts, environment variables and
+  ``torch._dynamo.config.disable`` for its rows and restores all of them
+  afterwards (:func:`process_settings`, tested before == after).
 * *Copy.* ``np.copyto`` between page-aligned buffers: two consecutive heap
   allocations sit 16 bytes past a multiple of 4096 apart, where glibc's
   ``rep movsb`` copy runs 10-20x slower on some CPUs (this one included).
@@ -92,12 +99,12 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-from . import packing
-from .backend import cython_available, default_num_threads, kernels
-from .fourbit import dequantize_4bit, quantize_4bit
+from .. import packing
+from ..backend import cython_available, default_num_threads, kernels
+from ..fourbit import dequantize_4bit, quantize_4bit
 
 __all__ = ["run_benchmarks", "qlora_layer_step_time", "contention_table", "add_arguments", "main",
-           "OPERATIONS", "CONTENTION_SETUPS"]
+           "process_settings", "process_settings_now", "OPERATIONS", "CONTENTION_SETUPS"]
 
 #: Columns of the table, in order.
 OPERATIONS = ("quantize", "dequant f32", "dequant bf16", "pack", "unpack")
@@ -391,30 +398,117 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
     fmt : {"text", "md"}
         Plain text, or a Markdown table (as in ``docs/benchmarks.md``).
     fresh_pages : bool
-        True (the default when called as a function): leave glibc's allocator
-        alone, so outputs may be new, page-faulted memory. False: set it to
-        reuse heap memory (``mallopt``), for the whole process and for good,
-        since glibc cannot give back its adaptive thresholds. ``qlora-ref
-        bench`` does that (it exits afterwards) unless ``--fresh-pages``; a
-        notebook that calls this function keeps its allocator as it was.
+        True (the default when called as a function): measure in this
+        process with glibc's allocator as it is, so outputs may be new,
+        page-faulted memory; thread counts, environment and dynamo settings
+        are restored afterwards. False (``qlora-ref bench`` without
+        ``--fresh-pages``): measure in a child process set to reuse heap
+        memory (``mallopt``, which cannot be undone); its tables are printed
+        to ``file`` and its numbers returned.
 
     Returns
     -------
     dict
         ``{"machine": {...}, "sizes": {"RxC": {operation: {row: {"seconds", "melem_s", ...}}}},
-        "layer": {...}}``.
+        "layer": {...}, "settings": {..., "heap_reuse": bool, "pid": measuring process}}``.
     """
+    file = file or sys.stdout
+    if not fresh_pages:
+        return _run_in_child(sizes, threads, repeat, warmup, seed, layer, fmt, file)
+    with process_settings():
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # read if torch is first imported now
+        return _run(sizes, threads, repeat, warmup, seed, layer, fmt, file, heap_reuse=False)
+
+
+def _omp_get_max_threads():
+    name = ctypes.util.find_library("gomp") or "libgomp.so.1"
+    try:
+        return ctypes.CDLL(name).omp_get_max_threads
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+def process_settings_now() -> dict:
+    """What this benchmark may change in a process: environment, torch and libgomp threads, dynamo."""
+    out = {}
+    if "torch" in sys.modules:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+        try:
+            import torch._dynamo  # first: importing it sets TORCHINDUCTOR_CACHE_DIR
+            out["dynamo_disable"] = torch._dynamo.config.disable
+        except Exception:  # noqa: BLE001  # pragma: no cover - torch without dynamo
+            out["dynamo_disable"] = None
+    out.update(environ=dict(os.environ), omp_max_threads=_omp_get_max_threads()())
+    return out
+
+
+@contextlib.contextmanager
+def process_settings():
+    """Restore, on exit, every process setting an in-process run changes.
+
+    Environment variables (``TORCHDYNAMO_DISABLE``, ``QLORA_REF_NUM_THREADS``),
+    torch's intra-op thread count, libgomp's thread count (bitsandbytes' C
+    kernels) and ``torch._dynamo.config.disable``. The allocator is not in
+    the list: an in-process run never touches it.
+    """
+    before = process_settings_now()
+    try:
+        yield before
+    finally:
+        for key in set(os.environ) - set(before["environ"]):
+            del os.environ[key]
+        os.environ.update(before["environ"])
+        if "torch" in sys.modules:
+            import torch
+
+            torch.set_num_threads(before.get("torch_threads", torch.get_num_threads()))
+            if before.get("dynamo_disable") is not None:
+                torch._dynamo.config.disable = before["dynamo_disable"]
+        if before["omp_max_threads"] is not None:
+            _omp_set_num_threads()(before["omp_max_threads"])
+
+
+def _run_in_child(sizes, threads, repeat, warmup, seed, layer, fmt, file) -> dict:
+    """Measure in ``python -m qlora_ref.cli.bench`` with heap reuse; relay its output; return its report."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="qlora-ref-bench-") as tmp:
+        report_path = os.path.join(tmp, "report.json")
+        argv = [sys.executable, "-m", "qlora_ref.cli.bench", "--report-json", report_path,
+                "--size", *[f"{r}x{c}" for r, c in sizes], "--repeat", str(repeat),
+                "--warmup", str(warmup), "--seed", str(seed), "--format", fmt]
+        if threads:
+            argv += ["--threads", str(threads)]
+        if not layer:
+            argv.append("--no-layer")
+        env = dict(os.environ)
+        env.setdefault("TORCHDYNAMO_DISABLE", "1")  # before the child imports torch ("Dynamo off")
+        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as child:
+            for line in child.stdout:
+                print(line, end="", file=file, flush=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the benchmark's measuring process failed (status "
+                               f"{child.returncode}; its error is above)")
+        with open(report_path) as f:
+            return json.load(f)
+
+
+def _run(sizes, threads, repeat, warmup, seed, layer, fmt, file, heap_reuse: bool) -> dict:
+    """The measurement itself, in this process (``heap_reuse``: ``mallopt`` was set for it)."""
     import torch
 
-    file = file or sys.stdout
     threads = threads or default_num_threads()
     libs = {"omp_set_num_threads": _omp_set_num_threads(), "notes": []}
     libs["bitsandbytes"], bnb_note = _load_bitsandbytes()
     libs["torchao"], tao_note = _load_torchao()
     machine = machine_info()
-    reuse = False if fresh_pages else _reuse_heap_memory()
     report = {"machine": machine, "sizes": {}, "settings": dict(
-        repeat=repeat, warmup=warmup, threads=threads, seed=seed, heap_reuse=reuse)}
+        repeat=repeat, warmup=warmup, threads=threads, seed=seed, heap_reuse=heap_reuse,
+        pid=os.getpid())}
     say = lambda *a: print(*a, file=file, flush=True)  # noqa: E731
 
     say(f"qlora_ref bench: {machine['cpu']} ({machine['cores']} cores), python "
@@ -425,7 +519,7 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
         f"{', OpenMP' if machine['openmp'] else ', no OpenMP'}; threads: 1 and {threads}; "
         f"best of {repeat} (3 for calls over {_SLOW_CALL_S:.0f} s) after {warmup} warm-up; "
         f"TORCHDYNAMO_DISABLE={os.environ.get('TORCHDYNAMO_DISABLE')}; "
-        f"outputs {'reuse heap memory (mallopt)' if reuse else 'may be fresh pages'}; "
+        f"outputs {'reuse heap memory (mallopt)' if heap_reuse else 'may be fresh pages'}; "
         f"load average {os.getloadavg()[0]:.2f}")
     if bnb_note:
         say(f"bitsandbytes: {bnb_note}")
@@ -577,7 +671,7 @@ def qlora_layer_step_time(in_features: int = 4096, out_features: int = 4096, tok
     """
     import torch
 
-    from .nn import LoRALinear
+    from ..nn import LoRALinear
 
     compute_dtype = compute_dtype or torch.float32
     threads = threads or default_num_threads()
@@ -716,7 +810,7 @@ def _contention_row(env_changes: dict, torch_first: bool, steps: int, timeout: f
     import json
     import subprocess
 
-    from ._runtime import USER_SETTINGS
+    from .._runtime import USER_SETTINGS
 
     env = {k: v for k, v in os.environ.items()
            if k not in (*USER_SETTINGS, "OMP_NUM_THREADS", "QLORA_REF_NUM_THREADS")}
@@ -837,6 +931,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         metavar="BUSY", help="instead of the tables: finetune and 1- vs 2-thread "
                         "kernels while BUSY (default 2) busy processes of the benchmark's own "
                         "load the CPUs, for each OpenMP setup (a few minutes)")
+    parser.add_argument("--generate", action="store_true",
+                        help="the generate table instead: decoding speed of a 4096x4096 layer "
+                             "(1 and 8 tokens) and of two small models, 4-bit vs 16/32-bit, "
+                             "on one thread (see qlora_ref/cli/bench_generate.py)")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="do not set glibc to reuse heap memory: outputs may be new, "
                              "page-faulted memory (as in a fresh process)")
@@ -844,21 +942,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args=None) -> int:
-    """Run from ``python -m qlora_ref.bench`` (argv list or None) or a parsed ``Namespace``."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # before torch is imported ("Dynamo off")
+    """Run from ``python -m qlora_ref.cli.bench`` (argv list or None) or a parsed ``Namespace``."""
     if not isinstance(args, argparse.Namespace):
         parser = add_arguments(argparse.ArgumentParser(
-            prog="python -m qlora_ref.bench", description=__doc__.split("\n\n")[0]))
+            prog="python -m qlora_ref.cli.bench", description=__doc__.split("\n\n")[0]))
+        parser.add_argument("--report-json", help=argparse.SUPPRESS)  # the measuring child
         args = parser.parse_args(args)
     if args.contention is not None:
         contention_table(busy=args.contention, fmt=args.format)
         return 0
-    sizes = args.size or (["1024", "256"] if args.quick else ["4096", "256"])
+    if args.generate:
+        from .bench_generate import generate_table
+
+        generate_table(fmt=args.format, repeat=3 if args.quick else max(args.repeat, 5),
+                       size=1024 if args.quick else 4096)
+        return 0
+    sizes = [_parse_size(s) for s in args.size or (["1024", "256"] if args.quick else ["4096", "256"])]
     repeat = 3 if args.quick else args.repeat
-    run_benchmarks(sizes=[_parse_size(s) for s in sizes], threads=args.threads, repeat=repeat,
-                   warmup=args.warmup, seed=args.seed, layer=not (args.no_layer or args.quick),
-                   fmt=args.format, fresh_pages=args.fresh_pages)
+    options = dict(sizes=sizes, threads=args.threads, repeat=repeat, warmup=args.warmup,
+                   seed=args.seed, layer=not (args.no_layer or args.quick), fmt=args.format)
+    report_json = getattr(args, "report_json", None)
+    if report_json:  # this is the child: a process of its own, so the allocator may change
+        import json
+
+        report = _run(**options, file=sys.stdout, heap_reuse=_reuse_heap_memory())
+        with open(report_json, "w") as f:
+            json.dump(report, f)
+        return 0
+    run_benchmarks(**options, fresh_pages=args.fresh_pages)
     return 0
+
+
+#: For ``qlora-ref``: the one-line help; the benchmark has its own ``--seed`` and no ``--device``.
+HELP = "quantize/dequantize/pack speed: NumPy, Cython (1 and all threads), bitsandbytes, memory copy"
+COMMON = False
+run = main
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Solutions to the exercises of notebook 07, "The memory budget of a 65B model" (checked by its check cells)."""
+import math
+
+
+def qlora_gb(n_params, n_lora):
+    """Exercise 1. NF4 codes (4 bits) + one 8-bit absmax per 64 weights + one float32 per 256
+    absmax + one float32 offset; adapters and their gradients in 16 bits; Adam's two float32
+    moments for the adapters only."""
+    blocks = math.ceil(n_params / 64)
+    weights = math.ceil(n_params / 2) + blocks + 4 * math.ceil(blocks / 256) + 4
+    return (weights + 2 * n_lora + 2 * n_lora + 8 * n_lora) / 1e9
+
+
+def _qlora_65b_gb(r):
+    # LLaMA-65B: per layer, q k v o are 8192 -> 8192, gate and up 8192 -> 22016, down 22016 -> 8192
+    h, i, layers, n = 8192, 22016, 80, 65e9
+    n_lora = layers * r * (4 * 2 * h + 3 * (h + i))
+    return qlora_gb(n, n_lora)
+
+
+#: Exercise 2. Each rank adds 12 bytes per LoRA parameter (16-bit weight and gradient, two float32
+#: moments); search upward from r = 64 until 48 GB is exceeded.
+largest_rank_under_48gb = max(r for r in range(1, 1024) if _qlora_65b_gb(r) <= 48)
+
+
+def paged_adamw_numbers(shapes, page_size):
+    """Exercise 3. Host: both moments of every parameter (2 x 4 bytes per element). Device: one
+    page of both moments of the largest parameter (a page is at most the whole tensor).
+    Pages: each parameter is walked in pages of page_size elements, both moments together."""
+    sizes = [math.prod(shape) for shape in shapes]
+    host = sum(2 * 4 * n for n in sizes)
+    device = 2 * 4 * max(min(page_size, n) for n in sizes)
+    pages = sum(math.ceil(n / page_size) for n in sizes)
+    return host, device, pages

@@ -1,0 +1,21 @@
+"""``qlora-ref datatypes``: the shipped base's held-out loss with Int4 / FP4 / NF4 weights, ± double quantization.
+
+The miniature of the paper's comparison of data types, without fine-tuning.
+The flags, their defaults and the work live with the experiment
+(:func:`qlora_ref.train.datatypes.add_arguments` and :func:`~qlora_ref.train.datatypes.run`).
+"""
+from __future__ import annotations
+
+HELP = "loss of the shipped base with Int4/FP4/NF4 weights ± double quantization, no fine-tuning"
+
+
+def add_arguments(parser):
+    from ..train.datatypes import add_arguments as datatypes_arguments  # imports torch
+
+    return datatypes_arguments(parser)
+
+
+def run(args) -> int:
+    from ..train.datatypes import run as datatypes_run
+
+    return datatypes_run(args)

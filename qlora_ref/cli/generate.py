@@ -1,0 +1,70 @@
+"""``qlora-ref generate``: print a model's greedy continuation of a prompt, with or without an adapter.
+
+* ``--model DIR [--adapter DIR]`` -- a local Hugging Face causal LM; with an
+  adapter, the base is stored as the fine-tuning run stored it and
+  :func:`qlora_ref.load_adapter` puts the adapters in
+  (:func:`qlora_ref.train.hf_finetune.generate`). ``--adapter`` alone uses the
+  base folder the adapter records.
+* no ``--model`` -- the shipped tiny GPT (prompts in its task vocabulary,
+  e.g. ``s3141=``), optionally with ``--adapter runs/finetune/adapter``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "print the greedy continuation of --prompt (a Hugging Face model or the tiny GPT)"
+
+
+def add_arguments(p):
+    p.add_argument("--model", metavar="DIR", help="a local Hugging Face causal LM folder "
+                   "(default: the shipped tiny GPT, or the base an --adapter records)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder, e.g. "
+                   "runs/finetune/adapter")
+    p.add_argument("--prompt", required=True, help="the text to continue (tiny GPT: a task "
+                   "prompt such as s3141=)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new "
+                   "tokens (default 32); generation stops at EOS")
+    p.add_argument("--greedy", action="store_true", default=True,
+                   help="greedy decoding (the default and, for now, the only one)")
+    return p
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.model is None and args.adapter is not None:
+        from ..train.hf_finetune import adapter_base
+
+        base = adapter_base(args.adapter)
+        if base and Path(base).is_dir():  # an adapter of a Hugging Face model
+            args.model = base
+    if args.model is not None:
+        from ..train.hf_finetune import generate
+
+        text = generate(args.model, args.prompt, adapter=args.adapter,
+                        max_new_tokens=args.max_new_tokens, device=args.device)
+    else:
+        text = _tiny(args)
+    print(text)
+    return 0
+
+
+def _tiny(args) -> str:
+    import torch
+
+    from ..train.finetune import complete_tiny
+    from ..train.pretrain import default_base_model_path, load_base_model
+    from ..train.tasks import VOCAB
+
+    bad = sorted(set(args.prompt) - set(VOCAB))
+    if bad:
+        raise ValueError(f"the tiny GPT's prompt may use only {VOCAB[3:]!r}; got {''.join(bad)!r} "
+                         "(for a Hugging Face model pass --model DIR)")
+    device = torch.device(args.device or "cpu")
+    model = load_base_model(default_base_model_path(), device="cpu")
+    if args.adapter is not None:
+        from ..nn import load_adapter
+
+        # the base as the adapter records it; the matmuls in float32 on the CPU
+        model = load_adapter(model, args.adapter, compute_dtype=torch.float32)
+    return complete_tiny(model.to(device), args.prompt, args.max_new_tokens, device)

@@ -1,0 +1,100 @@
+"""``qlora-ref quantize FILE``: quantize a ``.npy`` / ``.safetensors`` tensor; report the error.
+
+Files are read without running code: a ``.npy`` header is checked against
+the file's size before ``np.load(allow_pickle=False)`` allocates anything,
+and a ``.safetensors`` file goes through ``safetensors``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..dtypes import FLOAT_DTYPES
+
+HELP = "quantize a .npy/.safetensors tensor: error and bits per parameter"
+
+
+def add_arguments(parser):
+    parser.add_argument("file", help="a .npy file, or a .safetensors file (with --key)")
+    parser.add_argument("--key", help="tensor name inside a .safetensors file")
+    parser.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--no-double-quant", action="store_true")
+    parser.add_argument("--histogram", metavar="PNG", help="write a histogram of the error")
+    return parser
+
+
+def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.endswith(".npy"):
+        from numpy.lib import format as npy
+
+        try:  # the header first: np.load allocates whatever shape it claims
+            with open(path, "rb") as f:
+                version = npy.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy format version {version}")
+                shape, _, dtype = (npy.read_array_header_1_0(f) if version == (1, 0)
+                                   else npy.read_array_header_2_0(f))
+                held = os.path.getsize(path) - f.tell()
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != held:
+                raise ValueError(f"its header claims shape {shape} of {dtype} ({claimed:,} bytes), "
+                                 f"but it holds {held:,} bytes of data")
+            return np.load(path, allow_pickle=False), os.path.basename(path)
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
+            raise ValueError(f"{path} is not a readable .npy file: {exc}") from None
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from None
+        if key is None:
+            if len(tensors) != 1:
+                raise ValueError(f"{path} holds {len(tensors)} tensors; pick one with --key "
+                                 f"({', '.join(sorted(tensors)[:10])}{'...' if len(tensors) > 10 else ''})")
+            key = next(iter(tensors))
+        if key not in tensors:
+            raise ValueError(f"{path} has no tensor {key!r}")
+        t = tensors[key]
+        dtype = str(t.dtype).replace("torch.", "")
+        if dtype not in FLOAT_DTYPES:  # as quantize_4bit takes
+            raise ValueError(f"{path}: tensor {key!r} is {dtype}; quantize takes float16, "
+                             "bfloat16, float32 or float64")
+        return (t.float().numpy() if dtype == "bfloat16" else t.numpy()), key
+    raise ValueError(f"{path}: expected a .npy or .safetensors file")
+
+
+def run(args) -> int:
+    from .. import dequantize_4bit, quantize_4bit
+
+    x, name = _load_tensor(args.file, args.key)
+    state = quantize_4bit(x, args.quant_type, args.blocksize, double_quant=not args.no_double_quant)
+    x64 = np.asarray(x, dtype=np.float64)
+    err = dequantize_4bit(state, dtype="float64") - x64
+    rel = np.linalg.norm(err) / max(np.linalg.norm(x64), 1e-300)
+    print(f"{name}: shape {state.shape}, dtype {state.dtype}, {args.quant_type}, blocksize "
+          f"{args.blocksize}, double quantization {'off' if args.no_double_quant else 'on'}")
+    print(f"  bits per parameter      {state.bits_per_param:.4f}  ({state.nbytes:,} bytes vs "
+          f"{2 * state.n_elements:,} in 16-bit)")
+    print(f"  mean squared error      {float(np.mean(err ** 2)):.6e}")
+    print(f"  max |error|             {float(np.abs(err).max()):.6e}")
+    print(f"  relative Frobenius err  {rel:.6e}")
+    if args.histogram:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.4, 3.6), dpi=110)
+        ax = fig.subplots()
+        ax.hist(err.reshape(-1), bins=200, color="#4C72B0")
+        ax.set_xlabel("dequantized - original")
+        ax.set_ylabel("count")
+        ax.set_title(f"{name}: {args.quant_type} quantization error")
+        fig.tight_layout()
+        fig.savefig(args.histogram)
+        print(f"  histogram written to {args.histogram}")
+    return 0
