@@ -237,16 +237,25 @@ def test_a_bitsandbytes_layer_after_its_first_forward_is_imported_too(saved_gpt2
         torch.testing.assert_close(prepared(x).logits, before, rtol=1e-5, atol=1e-5)
 
 
-def test_a_layer_bitsandbytes_repacked_for_its_cpu_kernel_is_refused(saved_gpt2):
+def test_a_layer_bitsandbytes_repacked_for_its_cpu_kernel_is_imported_as_it_now_computes(saved_gpt2):
     # what an eval-mode forward does on a CPU with AVX512-BF16 (bitsandbytes 0.50.2), forced
     # here so that the test does not depend on the host
     model = load_4bit(saved_gpt2)
     layer = model.transformer.h[0].attn.c_attn
+    qs = layer.weight.quant_state
+    codes = layer.weight.data.reshape(-1).clone()                    # bitsandbytes' packed bytes
+    absmax = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset  # float32
     layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
-        layer.weight.data, layer.weight.quant_state)
+        layer.weight.data, qs)
     assert layer.weight.quant_state.absmax.dtype == torch.bfloat16  # the lossy step
-    with pytest.raises(ValueError, match="packing_format_for_cpu"):
-        prepare_model(model, r=R)
+    assert not torch.equal(layer.weight.data.reshape(-1), codes)    # and the codes are tiled
+    prepared = prepare_model(model, r=R, lora_alpha=ALPHA)           # double_quant=True asked
+    base = prepared.transformer.h[0].attn.c_attn.base_layer
+    assert not base.double_quant                                     # bitsandbytes dropped it
+    assert torch.equal(base.packed, codes)                           # the codes, back in order
+    assert torch.equal(base.absmax, absmax.to(torch.bfloat16).float())  # what it now holds
+    # the other layers were never repacked: imported with their double quantization
+    assert prepared.transformer.h[0].mlp.c_fc.base_layer.double_quant
 
 
 def test_a_bitsandbytes_layer_of_another_format_than_asked_is_a_value_error(saved_gpt2):

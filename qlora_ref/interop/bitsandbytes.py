@@ -23,14 +23,18 @@ importing bitsandbytes.
 Note (bitsandbytes' CPU repacking, 0.50.2): on a CPU with AVX512-BF16, the
 first forward of a ``bitsandbytes.nn.Linear4bit`` in eval mode with an input
 that needs no gradient calls ``_convert_weight_packed_for_cpu``: the packed
-codes are permuted into ``(out, in / 2)`` tiles of 32 rows (exactly
-invertible), but the absmax are dequantized from their 8-bit double
-quantization, rounded to bfloat16, and the nested constants and offset are
-dropped (``quant_state.packing_format_for_cpu = True``). The checkpoint's
-bytes cannot be recovered from that (bitsandbytes' own inverse quantizes the
-bfloat16 absmax again with a new offset), so :func:`from_bitsandbytes`
-refuses such a state with a ``ValueError`` rather than import a different
-weight. Import the layer before its first eval-mode forward.
+codes are permuted into tiles of 32 output rows (exactly invertible), and the
+absmax are dequantized from their 8-bit double quantization, rounded to
+bfloat16 and stored transposed, ``(in / blocksize, out)``; the nested
+constants and the offset are dropped (``quant_state.packing_format_for_cpu =
+True``). From then on the layer computes with those bfloat16 constants. The
+checkpoint's 8-bit constants cannot be recovered from them, so
+:func:`from_bitsandbytes` imports what the layer now holds, without
+quantizing anything: the codes put back in row order
+(:func:`unpack_cpu_tiles`) and the bfloat16 absmax widened to float32
+(exact), with no double quantization. The imported layer computes what
+bitsandbytes' repacked layer computes. Importing before the first eval-mode
+forward keeps the checkpoint's own bytes, double quantization included.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from ..quant_state import QuantState
 
 __all__ = ["to_bitsandbytes", "from_bitsandbytes", "to_linear4bit_state_dict",
            "from_linear4bit_state_dict", "is_bitsandbytes_linear4bit",
-           "from_bitsandbytes_linear4bit"]
+           "from_bitsandbytes_linear4bit", "unpack_cpu_tiles"]
 
 #: Who names the metadata entry ``<prefix>.quant_state.<owner>__<quant_type>``.
 _META_OWNER = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int4": "qlora_ref"}
@@ -170,11 +174,7 @@ def from_bitsandbytes(packed, quant_state) -> QuantState:
                          f"{type(quant_state).__name__} (for Linear4bit state-dict entries use "
                          f"from_linear4bit_state_dict)")
     if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("this bitsandbytes QuantState was repacked for bitsandbytes' CPU kernel "
-                         "(packing_format_for_cpu=True, after an eval-mode forward on an "
-                         "AVX512-BF16 CPU): its absmax were rounded to bfloat16 and the "
-                         "double-quantization constants dropped, so the stored bytes cannot be "
-                         "recovered exactly; load the model again and import it before running it")
+        return _from_cpu_tiles(packed, quant_state)
     quant_type = quant_state.quant_type
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"unsupported bitsandbytes quant_type {quant_type!r}")
@@ -303,6 +303,59 @@ def is_bitsandbytes_linear4bit(module) -> bool:
                for c in type(module).__mro__)
 
 
+#: Output rows per tile of bitsandbytes' CPU packing (``block_n`` of ``_convert_weight_packed_for_cpu``).
+CPU_TILE_ROWS = 32
+
+
+def unpack_cpu_tiles(tiled: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """Undo bitsandbytes' CPU tiling of 4-bit codes: ``(out, in / 2)`` tiled bytes -> ``(out, in)`` codes.
+
+    The tiling (bitsandbytes 0.50.2, ``_convert_weight_packed_for_cpu``):
+    codes ``q[n, k]`` are grouped by tiles of :data:`CPU_TILE_ROWS` output
+    rows ``n`` and by pairs of inputs ``(2j, 2j + 1)``, ordered
+    ``[tile, j, row in tile, pair member]``, and every 64 codes in that order
+    are stored as 32 bytes whose low nibbles are the first 32 codes and high
+    nibbles the last 32.
+    """
+    if out_features % CPU_TILE_ROWS or in_features % 2:
+        raise ValueError(f"a CPU-tiled bitsandbytes weight needs out_features divisible by "
+                         f"{CPU_TILE_ROWS} and an even in_features, got ({out_features}, {in_features})")
+    tiled = np.asarray(tiled, np.uint8).reshape(-1, 32)                         # (groups, 32 bytes)
+    if tiled.size * 2 != out_features * in_features:
+        raise ValueError(f"the tiled weight has {tiled.size} bytes; ({out_features}, "
+                         f"{in_features}) codes need {out_features * in_features // 2}")
+    ordered = np.concatenate([tiled & 15, tiled >> 4], axis=1)               # (groups, 64 codes)
+    ordered = ordered.reshape(out_features // CPU_TILE_ROWS, in_features // 2, CPU_TILE_ROWS, 2)
+    return ordered.transpose(0, 2, 1, 3).reshape(out_features, in_features)  # q[n, k]
+
+
+def _from_cpu_tiles(packed, quant_state) -> QuantState:
+    """The QuantState of a layer bitsandbytes repacked for its CPU kernel (see the module note)."""
+    shape = _shape(_field(quant_state, "shape", "quant_state"), "quant_state.shape")
+    if len(shape) != 2:
+        raise ValueError(f"a CPU-tiled bitsandbytes weight must be 2-D, got shape {shape}")
+    out_features, in_features = shape
+    blocksize = _int(_field(quant_state, "blocksize", "quant_state"), "quant_state.blocksize")
+    quant_type = quant_state.quant_type
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"unsupported bitsandbytes quant_type {quant_type!r}")
+    codes = unpack_cpu_tiles(_numpy(packed, np.uint8, "packed"), out_features, in_features)
+    flat = codes.reshape(-1)
+    standard = (flat[0::2] << 4) | flat[1::2]           # the first code of a pair in the high nibble
+    absmax = _field(quant_state, "absmax", "quant_state")   # bfloat16, (in / blocksize, out)
+    if str(getattr(absmax, "dtype", "")) != "torch.bfloat16" or tuple(absmax.shape) != (
+            in_features // blocksize, out_features):
+        raise ValueError(f"a CPU-tiled bitsandbytes quant_state must hold bfloat16 absmax of "
+                         f"shape ({in_features // blocksize}, {out_features}), got "
+                         f"{getattr(absmax, 'dtype', None)} {tuple(getattr(absmax, 'shape', ()))}")
+    widened = absmax.detach().to("cpu").float().T.contiguous().numpy().reshape(-1)  # exact
+    dtype = getattr(quant_state, "original_dtype", None) or _field(quant_state, "dtype", "quant_state")
+    return QuantState(packed=standard.astype(np.uint8), absmax=widened.astype(np.float32),
+                      shape=shape, dtype=str(dtype).replace("torch.", ""), blocksize=blocksize,
+                      quant_type=quant_type,
+                      code=_checked_code(_field(quant_state, "code", "quant_state"), quant_type))
+
+
 def from_bitsandbytes_linear4bit(module) -> QuantState:
     """The :class:`~qlora_ref.QuantState` of a ``bitsandbytes.nn.Linear4bit``'s weight, bytes unchanged.
 
@@ -314,8 +367,8 @@ def from_bitsandbytes_linear4bit(module) -> QuantState:
     ------
     ValueError
         If the layer was never quantized (no ``quant_state``: still on the
-        meta device, or not yet moved to a device), or bitsandbytes repacked
-        it for its CPU kernel (see the module note).
+        meta device, or not yet moved to a device). A layer bitsandbytes
+        repacked for its CPU kernel is read as it now computes (see the module note).
     """
     name = type(module).__name__
     weight = getattr(module, "weight", None)

@@ -166,11 +166,18 @@ class Linear4bit(QuantizedLinear):
         The optional format arguments are what the caller asked for (as
         :func:`~qlora_ref.nn.prepare_model` passes them); a layer stored
         otherwise is a ``ValueError``, since its bytes cannot change format
-        without quantizing twice. ``compute_dtype`` defaults to the layer's.
+        without quantizing twice. The one exception is double quantization
+        of a layer bitsandbytes repacked for its CPU kernel after a forward:
+        bitsandbytes dropped it, and the layer is imported as it now computes.
+        ``compute_dtype`` defaults to the layer's.
         """
         state = from_bitsandbytes_linear4bit(module)
         asked = {"quant_bits": quant_bits, "quant_type": quant_type, "blocksize": blocksize,
                  "double_quant": double_quant}
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacked it for its CPU kernel and dropped the double quantization
+            # itself (qlora_ref.interop.bitsandbytes, module note): imported as it now computes
+            asked.pop("double_quant")
         held = {"quant_bits": 4, "quant_type": state.quant_type, "blocksize": state.blocksize,
                 "double_quant": state.double_quant}
         wrong = {k: v for k, v in asked.items() if v is not None and v != held[k]}
