@@ -298,3 +298,34 @@ def test_gpt2_adapters_are_fan_in_fan_out_both_ways(gpt2, tokens, tmp_path):
         json.dumps({**llama_like, "fan_in_fan_out": False}))
     with pytest.raises(ValueError, match="fan_in_fan_out=False but the layers .* Conv1D"):
         qlora_ref.load_adapter(copy.deepcopy(gpt2), tmp_path / "peft")
+
+
+def test_the_adapter_file_is_a_function_of_its_content():
+    """safetensors writes its metadata from a hash map, so the order of two keys varies between
+    saves; the adapter file's header is rewritten in one order, so equal adapters give equal bytes
+    (the fault-injection test compares resumed adapters byte for byte)."""
+    from safetensors.torch import load, save
+
+    from qlora_ref.nn.adapters import canonical_safetensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.int32)}
+    metadata = {"format": "pt", "qlora_ref.base": '{"quant_bits": 4}', "z": "last"}
+    raw = {save(tensors, metadata=metadata) for _ in range(30)}
+    canonical = {canonical_safetensors(data) for data in raw}
+    assert len(canonical) == 1
+    data = canonical.pop()
+    assert int.from_bytes(data[:8], "little") % 8 == 0          # the data stays 8-byte aligned
+    loaded = load(data)
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert header["__metadata__"] == metadata
+
+
+def test_saving_the_same_adapters_twice_gives_the_same_bytes(llama, tmp_path):
+    model = qlora_ref.prepare_model(copy.deepcopy(llama), r=4, target_modules=["q_proj"])
+    randomize_adapters(model)
+    files = []
+    for i in range(5):
+        qlora_ref.save_adapter(model, tmp_path / str(i))
+        files.append((tmp_path / str(i) / "adapter_model.safetensors").read_bytes())
+    assert len(set(files)) == 1

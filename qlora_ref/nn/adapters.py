@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "BASE_METADATA_KEY", "save_adapter", "load_adapter",
            "adapter_key", "base_record", "read_base_record", "task_type_of", "pattern_matcher",
-           "check_regex_cost"]
+           "check_regex_cost", "canonical_safetensors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -166,6 +166,26 @@ def _fan_in_fan_out(layers: dict) -> bool:
     return any(getattr(m, "fan_in_fan_out", False) for m in layers.values())
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written in one fixed order.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON
+    header (tensor names, dtypes, shapes, offsets into the data; an optional
+    ``__metadata__`` object of strings), padded with spaces to a multiple of
+    8 bytes, then the raw tensor data. The ``safetensors`` library writes the
+    metadata from a hash map, so with two metadata keys their order changes
+    from process to process, and two saves of the same adapters would differ
+    in their bytes. Re-writing the header with sorted keys makes the file a
+    function of its content; the offsets are relative to the data, which is
+    copied unchanged.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)          # the padding safetensors writes: data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
 _INFER = "infer"
 
 
@@ -241,7 +261,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / CONFIG_NAME,
                   (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_atomic(directory / WEIGHTS_NAME, save(tensors, metadata=metadata))
+    write_atomic(directory / WEIGHTS_NAME, canonical_safetensors(save(tensors, metadata=metadata)))
     return directory
 
 
