@@ -400,7 +400,7 @@ def activation_memory(shape: DecoderShape, seq_len: int | None, batch_size: int 
                       linear_inputs_only: bool = False) -> ActivationMemory:
     r"""Activations a LLaMA-style decoder keeps for its backward pass, in bytes.
 
-    With :math:`t = b \cdot s` tokens (``batch_size`` times ``seq_len``),
+    With :math:`t = b \cdot T` tokens (``batch_size`` times ``seq_len``),
     :math:`d` bytes per value (``dtype_bytes``, 2 for bfloat16), hidden size
     :math:`h`, MLP size :math:`i`, :math:`L` layers and vocabulary :math:`V`,
     one decoder layer saves, per token,
@@ -442,8 +442,8 @@ def activation_memory(shape: DecoderShape, seq_len: int | None, batch_size: int 
     Note (approximations): attention is assumed to run in a fused kernel
     (PyTorch's ``scaled_dot_product_attention``, FlashAttention) that keeps
     its output and one log-sum-exp per head and token instead of the
-    :math:`a\,s^2` attention probabilities, so the model is linear in
-    :math:`t`; eager attention would add :math:`b\,a\,s^2 d` per layer.
+    :math:`a\,T^2` attention probabilities, so the model is linear in
+    :math:`t`; eager attention would add :math:`b\,a\,T^2 d` per layer.
     Not counted: the log-sum-exps and RMSNorm statistics (:math:`a` and 2
     values per token and layer), LoRA's own intermediates (:math:`r` values
     per adapted projection and token, about 2 % of :math:`e_\mathrm{lin}`
@@ -461,7 +461,7 @@ def activation_memory(shape: DecoderShape, seq_len: int | None, batch_size: int 
     shape : DecoderShape
         The model, e.g. ``LLAMA_SHAPES["llama-7b"]``.
     seq_len : int or None
-        Tokens per sequence, :math:`s`. None means no estimate: every row is 0.
+        Tokens per sequence, :math:`T`. None means no estimate: every row is 0.
     batch_size : int
         Sequences per micro-batch, :math:`b`.
     gradient_checkpointing : bool

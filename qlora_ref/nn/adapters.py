@@ -68,7 +68,7 @@ from safetensors.torch import load_file, save
 from ..dtypes import FLOAT_DTYPES
 from .._atomic import write_atomic
 from .lora import LoRALinear, lora_scaling
-from .model import prepare_model
+from .model import prepare_model, replace_module
 from .quantized import QuantizedLinear
 
 try:  # the standard library's regex parser (a private module, renamed in Python 3.11)
@@ -567,8 +567,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                 new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout,
                                  fan_in_fan_out=layer.fan_in_fan_out)
                 new.name = name
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, new)
+                model = replace_module(model, name, new)
 
     layers = _lora_layers(model)
     unknown = sorted(set(weights) - set(layers))
