@@ -367,8 +367,19 @@ LLAMA_SHAPES = MappingProxyType({
 
 
 # ----------------------------------------------------------------------------- activations
+class _Rows:
+    """``rows`` of ``(term, bytes)``: their sum, and a term's bytes by name."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.rows)
+
+    def __getitem__(self, term: str) -> int:
+        return dict(self.rows)[term]
+
+
 @dataclass(frozen=True)
-class ActivationMemory:
+class ActivationMemory(_Rows):
     """Bytes of the activations kept for the backward pass, term by term.
 
     Attributes
@@ -382,13 +393,6 @@ class ActivationMemory:
 
     rows: tuple
     details: tuple
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(nbytes for _, nbytes in self.rows)
-
-    def __getitem__(self, term: str) -> int:
-        return dict(self.rows)[term]
 
     def describe(self) -> str:
         """One line: the total and how it was counted."""
@@ -535,7 +539,7 @@ def format_bytes(n_bytes: int, unit: str = "GB", digits: int = 2) -> str:
 
 
 @dataclass(frozen=True)
-class MemoryTable:
+class MemoryTable(_Rows):
     """Bytes of one fine-tuning method, term by term.
 
     Attributes
@@ -555,13 +559,6 @@ class MemoryTable:
     lora_params: int
     rows: tuple
     details: tuple
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(nbytes for _, nbytes in self.rows)
-
-    def __getitem__(self, term: str) -> int:
-        return dict(self.rows)[term]
 
     def to_markdown(self, unit: str = "GB") -> str:
         """A Markdown table with one line per term and the total."""
