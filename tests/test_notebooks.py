@@ -21,7 +21,8 @@ Each notebook has at least three such exercises. Cells tagged
 print exactly the stored text, so the text the docs show is what a student
 gets (re-run ``python notebooks/execute.py NN`` after a change). Cells also
 tagged ``trained`` print results of float32 training, which other CPUs round
-differently: there every number must be within 5% of the stored one.
+differently: there every number must be within 0.1 + 10% of the stored one
+(see ``TRAINED_RTOL``).
 """
 import ast
 import importlib.util
@@ -45,10 +46,15 @@ _spec.loader.exec_module(exercises)
 MIN_EXERCISES = 3
 KEY_NUMBERS_TAG = "key-numbers"
 #: Key-number cells whose numbers come out of float32 training: torch's CPU kernels (AVX2 or
-#: AVX-512, by host) round sums differently, so a rerun elsewhere may differ in the last
-#: printed digits. Their text must match with every number within TRAINED_RTOL.
+#: AVX-512, by host) round sums differently, and 60 training steps carry that into the results.
+#: Measured on one host, notebook 06 under ATEN_CPU_CAPABILITY=avx2 against AVX-512: accuracy
+#: on 50 examples moved by up to 0.06 (0.52 -> 0.58), a final loss by 9% (0.366 -> 0.334). Their
+#: text must match with every number within TRAINED_ATOL + TRAINED_RTOL * |number|: enough for
+#: that, not for a stale output (the base model replaced: a loss of 7.047 against 8.160, an
+#: accuracy of 0.32 against 0.08).
 TRAINED_TAG = "trained"
-TRAINED_RTOL = 0.05
+TRAINED_RTOL = 0.10
+TRAINED_ATOL = 0.10
 NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?")
 NOTEBOOKS = runner.notebooks()
 IDS = [p.stem for p in NOTEBOOKS]
@@ -92,14 +98,14 @@ def _text(cell) -> str:
     return "".join(parts)
 
 
-def _same_numbers(stored: str, fresh: str, rtol: float) -> bool:
-    """The same text around the numbers, and each number within ``rtol`` of the stored one."""
+def _same_numbers(stored: str, fresh: str, rtol: float, atol: float) -> bool:
+    """The same text around the numbers, and each within ``atol + rtol * |number|`` of the stored one."""
     if NUMBER.split(stored) != NUMBER.split(fresh):
         return False
     values = [(float(a.replace(",", "")), float(b.replace(",", "")))
               for a, b in zip(NUMBER.findall(stored), NUMBER.findall(fresh))]
     return len(NUMBER.findall(stored)) == len(NUMBER.findall(fresh)) and all(
-        abs(a - b) <= rtol * max(abs(a), abs(b)) for a, b in values)
+        abs(a - b) <= atol + rtol * max(abs(a), abs(b)) for a, b in values)
 
 
 def _stdout(cell) -> str:
@@ -207,7 +213,8 @@ def test_notebook_runs_as_shipped(path):
     for cell in tagged:
         trained = TRAINED_TAG in cell.metadata.get("tags", [])
         before, now = _text(stored[cell.get("id")]), _text(cell)
-        assert (_same_numbers(before, now, TRAINED_RTOL) if trained else now == before), (
+        assert (_same_numbers(before, now, TRAINED_RTOL, TRAINED_ATOL) if trained
+                else now == before), (
             f"{path.name}, cell {cell.get('id')}: the stored output differs from a fresh run; "
             f"re-run `python notebooks/execute.py {path.name[:2]}` and check the prose.\n"
             f"stored:\n{_text(stored[cell.get('id')])}\nfresh:\n{_text(cell)}")

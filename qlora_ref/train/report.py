@@ -44,7 +44,8 @@ def _task_paragraph(result) -> list[str]:
     from .tasks import get_task
 
     doc = (get_task(c.task).__doc__ or "").strip().splitlines()
-    return [f"Task `{c.task}` of `qlora_ref.train.tasks`{': ' + doc[0] if doc else ''}. The "
+    summary = ": " + doc[0].rstrip(".") if doc else ""  # the docstring's own full stop is ours
+    return [f"Task `{c.task}` of `qlora_ref.train.tasks`{summary}. The "
             f"shipped tiny GPT never saw it in pretraining; it is fine-tuned on {c.train_size} "
             "generated examples, the loss counting answer tokens only, and scored on held-out "
             f"prompts ({c.eval_size} of them): exact match of the greedy answer, and the "
