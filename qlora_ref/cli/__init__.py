@@ -67,7 +67,9 @@ def common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where to run (default: cuda if available, else cpu)")
     common.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    common.add_argument("--quiet", action="store_true", help="print only the results")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or banners: "
+                        "finetune prints only warnings and errors (its results are in its files), "
+                        "the other commands only their results")
     return common
 
 
