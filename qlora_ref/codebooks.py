@@ -97,14 +97,20 @@ def normal_float_code(bits: int = 4, offset: float = NF4_OFFSET,
                       float32_steps: bool = True) -> np.ndarray:
     r"""The k-bit NormalFloat codebook NF\ *k*: quantiles of N(0, 1) scaled to [-1, 1].
 
-    The paper calls such a type *information-theoretically optimal*: each
-    code gets the same share of the input's probability mass, so for normal
-    data every index is used equally often and the code's entropy is the
-    largest possible (k bits). That is optimal for *entropy*, not for the
-    rounding error: the code with the least mean squared error on N(0, 1)
-    (Lloyd-Max) spends its levels differently (notebook 1 compares the two).
-    For normally distributed weights equal mass means placing the
-    :math:`2^k` levels at quantiles of N(0, 1). To
+    The paper calls such a type *information-theoretically optimal*, meaning
+    that each code gets the same share of the input's probability mass, so
+    that the code's entropy is the largest possible (k bits). For NF4 the
+    shares are only *approximately* equal: values are rounded to the nearest
+    level, so each level owns the interval between the midpoints to its
+    neighbours, not an interval between quantiles, and the halves have 7 and
+    8 levels. On N(0, 1) in units of :math:`\Phi^{-1}(\delta)` the 16 masses
+    run from 0.056 to 0.071 and the entropy is 3.996 bits, not 4 (notebook 1,
+    section 1.5); Yoshida (2023), "NF4 Isn't Information Theoretically
+    Optimal (and that's Good)", arXiv:2306.06965, shows that blockwise absmax
+    scaling also changes the distribution being quantized. Nor is
+    "optimal" about the rounding error: the code with the least mean squared
+    error (Lloyd-Max) spends its levels differently (notebook 1 compares the
+    two). The levels sit at quantiles of N(0, 1). To
     have an *exact zero* (padding and zero weights must round-trip) the
     type is asymmetric: :math:`2^{k-1}` positive levels from the quantiles of
     the upper half, :math:`2^{k-1} - 1` negative levels from the lower half,
@@ -240,7 +246,7 @@ def fp4_code() -> np.ndarray:
 def int4_code() -> np.ndarray:
     r"""Symmetric uniform 4-bit integers :math:`\{-7, \dots, 7\}/7`, sorted.
 
-    For comparison only (paper Table 2 / Figure 3 baselines). 15 distinct
+    For comparison only (paper Table 2, Section 4, has Int4; Figure 3 does not). 15 distinct
     levels: the 16th index repeats 0 so that the table has 16 entries and
     one exact zero is reachable. Sorted so it can use the same midpoint
     search as NF4.

@@ -153,6 +153,35 @@ def seven_b():
     return LLAMA["llama-7b"]
 
 
+def nf4_masses_and_entropy():
+    """Mass of N(0, 1) each NF4 level owns under round-to-nearest, and the entropy of the codes."""
+    from scipy.stats import norm
+    cuts = blockwise_boundaries() * norm.ppf(codebooks.NF4_OFFSET)   # (15,) midpoints, in sd
+    mass = np.diff(norm.cdf(np.concatenate([[-np.inf], cuts, [np.inf]])))  # (16,)
+    return mass, float(-(mass * np.log2(mass)).sum())
+
+
+def blockwise_boundaries():
+    from qlora_ref.blockwise import decision_boundaries
+    return decision_boundaries(codebooks.nf4_code())[0]
+
+
+def nf4_entropy():
+    mass, entropy = nf4_masses_and_entropy()
+    return f"{entropy:.3f} bits; bin masses {mass.min():.3f} to {mass.max():.3f}"
+
+
+def with_16bit_embeddings_and_head(name, double_quant=True):
+    """QLoRA bytes of a LLaMA shape, 512 tokens, checkpointing, embeddings and head in 16 bit."""
+    shape = LLAMA[name]
+    emb = 2 * shape.vocab_size * shape.hidden_size                   # input embedding + output head
+    weights = memory.quantized_nbytes(shape.n_params - emb, double_quant=double_quant) + 2 * emb
+    table = memory.finetune_memory(shape.n_params, lora_params=shape.lora_params(64), shape=shape,
+                                   seq_len=512, gradient_checkpointing=True,
+                                   double_quant=double_quant)
+    return weights, table.total_bytes - table["weights"] + weights
+
+
 CLAIMS = {
     # equations
     "eq1": (HERE, eq1),
@@ -185,6 +214,10 @@ CLAIMS = {
         seven_b(), 512, linear_inputs_only=True)["saved by the decoder layers"])),
     "7b-grads-ckpt": (HERE, lambda: mb(memory.activation_memory(
         seven_b(), 512, gradient_checkpointing=True, linear_inputs_only=True)["saved by the decoder layers"])),
+    "nf4-entropy": (HERE, nf4_entropy),
+    "qlora-65b-nodq-16bit-head": (HERE, lambda: gb(with_16bit_embeddings_and_head(
+        "llama-65b", double_quant=False)[1])),
+    "7b-base-16bit-head": (HERE, lambda: mb(with_16bit_embeddings_and_head("llama-7b")[0])),
     "mse-int4": (HERE, lambda: mse("int4")),
     "mse-fp4": (HERE, lambda: mse("fp4")),
     "mse-nf4": (HERE, lambda: mse("nf4")),
@@ -228,3 +261,138 @@ def test_the_papers_nf4_table_is_bitsandbytes_table():
     paper = np.array([float(rows[f"nf4-{i}"][2]) for i in range(16)], dtype=np.float32)
     theirs = F.get_4bit_type("nf4", device="cpu").numpy()
     np.testing.assert_array_equal(paper, theirs)
+
+
+# ----------------------------------------------------------------------------- where the paper says it
+#: The paper's structure as verified (docs/paper_structure.json says how each entry was checked).
+STRUCTURE_FILE = PAGE.parent / "paper_structure.json"
+ROOT = PAGE.parents[1]
+#: Files whose citations of "Section / Table / Figure / Appendix / equation" mean the QLoRA paper.
+CITING_FILES = ["docs/paper.md", "docs/concepts.md", "docs/experiments.md", "docs/huggingface.md",
+                "docs/notation.md", "qlora_ref/codebooks.py", "qlora_ref/train/compare.py",
+                "qlora_ref/train/datatypes.py", "qlora_ref/optim/paged_adamw.py"]
+ITEM = re.compile(r"\b(Tables?|Figures?|Appendix|Sections?|sec\.|[Ee]q(?:uation|\.)?)\s*"
+                  r"\(?(\d+(?:\.\d+)?|[A-H]\b)\)?((?:\s*(?:,|and|-|–)\s*\(?(?:\d+|[A-H]\b)\)?)*)")
+KINDS = (("table", "tables"), ("figure", "figures"), ("appendix", "appendices"),
+         ("sec", "sections"), ("eq", "equations"))
+#: Words before a term that say the cited item does *not* have it ("no Int4", "not Int4").
+NEGATION = re.compile(r"\b(no|not|without|lacks?)\s+(\w+\s+){0,2}$", re.I)
+
+
+def structure() -> dict:
+    import json
+    return json.loads(STRUCTURE_FILE.read_text(encoding="utf-8"))
+
+
+def notebook_markdown() -> list[tuple[str, str]]:
+    """(name, text) of each notebook's markdown: only citations that say "paper" count there."""
+    import json
+    out = []
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        out.append((f"notebooks/{path.name}", text))
+    return out
+
+
+def clauses(text: str):
+    """Sentences (and table cells) of a text: a citation and what it is about share one."""
+    for cell in re.split(r"\|", text):
+        yield from re.split(r"(?<=[.;:])\s+(?=[A-Z*(])|\n\s*\n", cell)
+
+
+def citations(clause: str):
+    """(kind, key) for each paper item a clause cites: ("tables", "3"), ("appendices", "G")..."""
+    for m in ITEM.finditer(clause):
+        kind = next(plural for word, plural in KINDS if m.group(1).lower().startswith(word))
+        keys = [m.group(2)] + re.findall(r"\d+|[A-H]\b", m.group(3) or "")
+        if "-" in (m.group(3) or "") or "–" in (m.group(3) or ""):      # "Sections 2-3"
+            lo, hi = m.group(2), keys[-1]
+            if lo.isdigit() and hi.isdigit():
+                keys = [str(k) for k in range(int(lo), int(hi) + 1)]
+        for key in keys:
+            yield kind, key.split(".")[0] if kind == "sections" else key
+
+
+def cited_texts() -> list[tuple[str, str]]:
+    texts = [(name, (ROOT / name).read_text(encoding="utf-8")) for name in CITING_FILES]
+    for name, text in notebook_markdown():
+        # notebooks number their own sections: keep only clauses that name the paper
+        texts.append((name, "\n\n".join(c for c in clauses(text) if re.search(r"\bpaper", c))))
+    return texts
+
+
+def test_the_structure_file_is_consistent():
+    s = structure()
+    for kind in ("tables", "figures"):
+        for key, item in s[kind].items():
+            where = item["section"]
+            assert where in s["sections"] or where in s["appendices"], (
+                f"{kind[:-1]} {key} is said to be in {where!r}, which the file does not list")
+            assert item["source"], f"{kind[:-1]} {key}: say how it was verified"
+    # the one location read in the paper's own text in this repository's history
+    assert s["tables"]["2"]["section"] == "4" and s["sections"]["4"]["title"] == "QLoRA vs. Standard Finetuning"
+
+
+def test_every_cited_section_table_figure_and_appendix_exists():
+    s, missing = structure(), []
+    for name, text in cited_texts():
+        for clause in clauses(text):
+            for kind, key in citations(clause):
+                if key not in s[kind]:
+                    missing.append(f"{name}: {kind[:-1] if kind != 'appendices' else 'appendix'} "
+                                   f"{key!r} in {clause.strip()[:120]!r}")
+    assert not missing, "cited, but not in docs/paper_structure.json:\n" + "\n".join(missing)
+
+
+def test_a_section_cited_with_a_table_or_figure_is_the_one_that_holds_it():
+    """"(Section 3, Figure 3)" is wrong when Figure 3 is in Section 4."""
+    s, wrong = structure(), []
+    for name, text in cited_texts():
+        for clause in clauses(text):
+            for group in re.findall(r"\(([^()]*)\)", clause):
+                cited = list(citations(group))
+                sections = {k for kind, k in cited if kind in ("sections", "appendices")}
+                items = [(kind, k) for kind, k in cited if kind in ("tables", "figures")]
+                for kind, k in items:
+                    home = s[kind].get(k, {}).get("section")
+                    if sections and home and home not in sections:
+                        wrong.append(f"{name}: ({group}) cites {kind[:-1]} {k}, which is in "
+                                     f"{home}, with {sorted(sections)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nothing_is_credited_to_a_table_or_figure_that_lacks_it():
+    """"matches full fine-tuning (Table 4)" credits Table 4 with full fine-tuning, which it lacks.
+
+    What a citation credits: the words in its parentheses and up to 100 characters before them.
+    """
+    s, wrong = structure(), []
+    for name, text in cited_texts():
+        for clause in clauses(text):
+            for m in re.finditer(r"\(([^()]*)\)", clause):
+                items = [(kind, k) for kind, k in citations(m.group(1)) if kind in ("tables", "figures")]
+                lacking = [set(s[kind].get(k, {}).get("lacks", [])) for kind, k in items]
+                window = clause[max(0, m.start() - 100):m.end()]
+                for term in set.intersection(*lacking) if lacking else ():
+                    for t in re.finditer(re.escape(term), window, re.I):
+                        if not NEGATION.search(window[:t.start()]):
+                            wrong.append(f"{name}: {term!r} credited to {items} in {window!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_catches_the_errors_issue_23_found():
+    """The three tests above reject the citations issue 23 corrected (so they can fail)."""
+    s = structure()
+    bad_section = "The paper compares NF4 with two other 4-bit types (Section 3, Figure 3)."
+    group = re.findall(r"\(([^()]*)\)", bad_section)[0]
+    cited = list(citations(group))
+    assert ("figures", "3") in cited and ("sections", "3") in cited
+    assert s["figures"]["3"]["section"] != "3"
+    assert ("sections", "5") in list(citations("the paper's sec. 5.1, Table 2"))
+    assert s["tables"]["2"]["section"] != "5"
+    lacks = s["tables"]["4"]["lacks"]
+    assert "full fine-tuning" in lacks
+    clause = "matches full fine-tuning (Table 4)"
+    assert not NEGATION.search(clause[:clause.index("full")])
+    assert NEGATION.search("the paper fine-tunes no ")

@@ -1,10 +1,17 @@
-r"""``PagedAdamW``: AdamW whose state lives in host memory and is paged to the device during ``step()``.
+r"""``PagedAdamW``: AdamW whose state lives in host memory and is copied to the device, a page at a time, during ``step()``.
 
-Paper section 3, "Paged Optimizers": gradient checkpointing leaves memory
-spikes that would crash a GPU that is nearly full, so QLoRA keeps the
-optimizer state in paged (NVIDIA unified) memory, which is evicted to CPU
-RAM when the GPU runs out and paged back when the update needs it. This is
-the educational version of that idea, with the paging written out:
+Paper Section 3, "Paged Optimizers": the activations of a gradient-checkpointed
+backward pass over a long sequence make memory spike, and a spike that
+crosses the GPU's capacity crashes the run. QLoRA keeps the optimizer state
+in paged (NVIDIA unified) memory: under memory pressure the driver evicts
+pages of that *state* to CPU RAM, and pages them back when the update needs
+them. Pages move only when memory runs out.
+
+This class is **not** that. It is CPU offload of the optimizer state,
+written out: every page of every moment is copied to the device and back on
+every ``step()``, whether memory is short or not (notebook 7, section 7.6:
+30 pages moved in 5 steps), so no budget is checked and nothing is evicted.
+What it shows is the data movement and the bound it buys:
 
 * the two Adam moments :math:`m, v` of every parameter live in host memory
   (pinned when the parameter is on CUDA, so copies can be asynchronous);
