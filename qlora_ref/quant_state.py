@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from ._atomic import atomic_file, open_regular_file
 from .dtypes import FLOAT_DTYPES
 from .validation import QUANT_TYPES, VALID_BLOCKSIZES
 
@@ -254,13 +255,17 @@ class QuantState:
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write every field to one ``.npz`` file; :meth:`load` gives back equal bytes."""
+        """Write every field to one ``.npz`` file; :meth:`load` gives back equal bytes.
+
+        Written atomically (:func:`qlora_ref._atomic.atomic_file`): a kill or a
+        full disk leaves the previous file whole, never a torn one.
+        """
         arrays = {}
         for key, value in self.to_dict().items():
             if value is None:
                 continue
             arrays[key] = np.asarray(value, dtype=np.int64) if key == "shape" else np.asarray(value)
-        with open(path, "wb") as f:  # a file object stops np.savez from appending ".npz"
+        with atomic_file(path) as f:  # a file object stops np.savez from appending ".npz"
             np.savez(f, **arrays)
 
     @classmethod
@@ -281,15 +286,19 @@ class QuantState:
         Raises
         ------
         ValueError
-            Naming the member and what it claims, for anything inconsistent.
+            Naming the member and what it claims, for anything inconsistent;
+            or one line for a path that is not a regular file (a FIFO, a
+            device such as ``/dev/zero``, a folder), which is never opened
+            for a blocking read.
         """
         path = os.fspath(path)
-        try:
-            archive = zipfile.ZipFile(path)
-        except zipfile.BadZipFile as exc:
-            raise ValueError(f"{path} is not a QuantState .npz file: {exc}") from None
-        with archive:
-            return cls.from_dict(_read_npz(archive, path, os.path.getsize(path)))
+        with open_regular_file(path, "QuantState file") as f:
+            try:
+                archive = zipfile.ZipFile(f)
+            except zipfile.BadZipFile as exc:
+                raise ValueError(f"{path} is not a QuantState .npz file: {exc}") from None
+            with archive:
+                return cls.from_dict(_read_npz(archive, path, os.fstat(f.fileno()).st_size))
 
     def equals(self, other: "QuantState") -> bool:
         """True if both states hold identical bytes and metadata."""

@@ -2,7 +2,9 @@
 
 Files are read without running code: a ``.npy`` header is checked against
 the file's size before ``np.load(allow_pickle=False)`` allocates anything,
-and a ``.safetensors`` file goes through ``safetensors``.
+and a ``.safetensors`` file goes through ``safetensors``. Only regular files
+are read (a FIFO or ``/dev/zero`` is one error line, never a hang). The
+``--histogram`` PNG is written atomically and never inside the package.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 
 import numpy as np
 
+from .._atomic import atomic_path, check_regular_file, open_regular_file, refuse_inside_package
 from ..dtypes import FLOAT_DTYPES
 
 HELP = "quantize a .npy/.safetensors tensor: error and bits per parameter"
@@ -26,24 +29,26 @@ def add_arguments(parser):
 
 
 def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    check_regular_file(path, "input")  # a FIFO or a device: one line, before any open
     if path.endswith(".npy"):
         from numpy.lib import format as npy
 
         try:  # the header first: np.load allocates whatever shape it claims
-            with open(path, "rb") as f:
+            with open_regular_file(path, "input") as f:
                 version = npy.read_magic(f)
                 if version not in ((1, 0), (2, 0)):
                     raise ValueError(f"unsupported .npy format version {version}")
                 shape, _, dtype = (npy.read_array_header_1_0(f) if version == (1, 0)
                                    else npy.read_array_header_2_0(f))
-                held = os.path.getsize(path) - f.tell()
-            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if claimed != held:
-                raise ValueError(f"its header claims shape {shape} of {dtype} ({claimed:,} bytes), "
-                                 f"but it holds {held:,} bytes of data")
-            return np.load(path, allow_pickle=False), os.path.basename(path)
+                held = os.fstat(f.fileno()).st_size - f.tell()
+                claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if claimed != held:
+                    raise ValueError(f"its header claims shape {shape} of {dtype} ({claimed:,} "
+                                     f"bytes), but it holds {held:,} bytes of data")
+                f.seek(0)  # the same open file: what was checked is what is read
+                return np.load(f, allow_pickle=False), os.path.basename(path)
         except (ValueError, OSError, EOFError, SyntaxError) as exc:
             raise ValueError(f"{path} is not a readable .npy file: {exc}") from None
     if path.endswith(".safetensors"):
@@ -73,6 +78,10 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
 def run(args) -> int:
     from .. import dequantize_4bit, quantize_4bit
 
+    if args.histogram:  # before the work: never inside the installed package
+        refuse_inside_package(args.histogram, "--histogram")
+        if os.path.isdir(args.histogram):
+            raise ValueError(f"--histogram {args.histogram} is a directory; give a .png file path")
     x, name = _load_tensor(args.file, args.key)
     state = quantize_4bit(x, args.quant_type, args.blocksize, double_quant=not args.no_double_quant)
     x64 = np.asarray(x, dtype=np.float64)
@@ -95,6 +104,7 @@ def run(args) -> int:
         ax.set_ylabel("count")
         ax.set_title(f"{name}: {args.quant_type} quantization error")
         fig.tight_layout()
-        fig.savefig(args.histogram)
+        with atomic_path(args.histogram) as tmp:  # a full disk leaves the old PNG whole
+            fig.savefig(tmp, format="png")
         print(f"  histogram written to {args.histogram}")
     return 0

@@ -66,7 +66,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ..dtypes import FLOAT_DTYPES
-from .._atomic import write_atomic
+from .._atomic import (atomic_directory, complete_directory, is_marker_part, is_temporary_directory,
+                       recover_directory, refuse_symlink, write_atomic)
 from .lora import LoRALinear, lora_scaling
 from .model import prepare_model, replace_module
 from .quantized import QuantizedLinear
@@ -200,6 +201,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
         A model with :class:`~qlora_ref.nn.LoRALinear` layers (from :func:`~qlora_ref.prepare_model`).
     directory : path
         Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors`` go in it.
+        A new folder, or one holding only an adapter, is replaced whole
+        (:func:`qlora_ref._atomic.atomic_directory`: a kill or a full disk
+        leaves the complete old adapter or the complete new one, and the
+        next save or load finds it); into a folder holding other files the
+        two files are written one by one, each atomically. A symlink is
+        refused.
     base_model_name_or_path : str, optional
         Recorded in the config, where ``peft.AutoPeftModel*`` loads the base
         from. Default: the model's ``name_or_path`` (None if it has none).
@@ -258,10 +265,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     if record is not None:
         metadata[BASE_METADATA_KEY] = json.dumps(record, sort_keys=True)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / CONFIG_NAME,
-                  (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_atomic(directory / WEIGHTS_NAME, canonical_safetensors(save(tensors, metadata=metadata)))
+    refuse_symlink(directory, "adapter folder")
+    files = {CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+             WEIGHTS_NAME: canonical_safetensors(save(tensors, metadata=metadata))}
+    if is_temporary_directory(directory):  # atomic_directory is filling it: write into it
+        for name, data in files.items():
+            write_atomic(directory / name, data)
+        return directory
+    recover_directory(directory)  # what a killed save left: restored or deleted
+    held = set(os.listdir(directory)) if directory.is_dir() else set()
+    held = {name for name in held if not is_marker_part(name)}
+    if not held <= set(files):  # a folder with other files is never replaced whole
+        for name, data in files.items():
+            write_atomic(directory / name, data)
+        return directory
+    with atomic_directory(directory) as tmp:
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
     return directory
 
 
@@ -543,7 +563,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
         shape differs from the layer's (naming the layer and both shapes);
         weights for a layer the model lacks, or missing layers when ``strict``.
     """
-    directory = Path(directory)
+    directory = complete_directory(directory)  # where a killed save left the complete copy
     config, weights = _read(directory)
     default_r, default_alpha = config.get("r", 8), config.get("lora_alpha", 8)
     patterns = {}

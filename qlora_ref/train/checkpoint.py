@@ -17,14 +17,29 @@ no code. The layout under a run's output folder::
           adapter/                      the adapters in PEFT's layout (adapter_config.json,
                                         adapter_model.safetensors)
           manifest.json                 written last: the step, and bytes + sha256 of each file
-        .tmp-step-000012-<pid>/         being written; a later save deletes a leftover one
+        .tmp-step-000012-<pid>-<random>/ being written (marked, see qlora_ref._atomic); a later
+                                        save deletes a leftover one once its writer is gone
 
-Saving step ``s``: write every file into ``.tmp-step-s-<pid>`` and fsync it;
-write ``manifest.json`` last; rename the folder to ``step-s``; write
-``LATEST.tmp`` and rename it over ``LATEST`` (an atomic switch); then delete
-every folder but the new one and the one ``LATEST`` named before. A kill at
-any moment leaves ``LATEST`` naming a complete checkpoint (the old one or the
-new one), and the previous complete one on disk.
+Saving step ``s``: write every file into ``.tmp-step-s-<pid>-<random>`` and fsync it;
+write ``manifest.json`` last; publish the folder as ``step-s``
+(:func:`qlora_ref._atomic.atomic_directory`); write ``LATEST.tmp`` and rename
+it over ``LATEST`` (an atomic switch); then delete the ``step-`` folders this
+process wrote before, except the new one and the one ``LATEST`` named before.
+A kill at any moment leaves ``LATEST`` naming a complete checkpoint (the old
+one or the new one), and the previous complete one on disk.
+
+Note (what cleanup deletes): only folders this process wrote into this
+``checkpoint`` folder -- recorded in memory with their inode when published,
+and still the same folder, holding our manifest -- and the marked temporary
+folders of dead writers. A ``step-`` folder someone else put there, or one
+an earlier run wrote (a resumed run keeps its predecessor's older
+checkpoint), is never deleted. A ``checkpoint`` folder that is a symlink is
+refused, so nothing is written or deleted outside the output folder.
+
+Note (hostile files): ``LATEST``, ``manifest.json``, ``trainer_state.json``
+and the tensors are read only when they are regular files
+(:func:`qlora_ref._atomic.read_regular_file`): a FIFO, a device or a
+symlink to ``/dev/zero`` is one ``CheckpointError`` line, never a hang.
 
 Resuming verifies the manifest (every file present, its size and sha256,
 the step in ``trainer_state.json``). A folder that fails is refused with one
@@ -43,7 +58,8 @@ cutting it to half its length (a kill in the middle of the write); ``rename``:
 after the folder is renamed into place, before ``LATEST`` switches;
 ``LATEST``: after ``LATEST.tmp`` is written; ``published``: after ``LATEST``
 switched, before old folders are deleted; ``step``: after optimizer step
-``STEP`` (see :mod:`qlora_ref.train.finetune`). Never set it outside tests.
+``STEP`` (see :mod:`qlora_ref.train.finetune`); the ``swap.*`` points of the
+folder swap (:mod:`qlora_ref._atomic`). Never set it outside tests.
 """
 from __future__ import annotations
 
@@ -54,9 +70,14 @@ import json
 import os
 import re
 import shutil
-import signal
+import stat
 from pathlib import Path
 from typing import Callable, Optional
+
+from qlora_ref import _atomic  # absolute: tests load this file on its own
+from qlora_ref._atomic import (FAULT_ENV, atomic_directory, fsync_path, open_regular_file,
+                               read_regular_file, recover_directory, refuse_symlink,
+                               replace_directory_atomically)
 
 __all__ = [
     "CheckpointError", "DiskFullError", "save_checkpoint", "find_checkpoint", "read_checkpoint",
@@ -70,10 +91,14 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 LOCK_NAME = ".qlora-ref.lock"
-FAULT_ENV = "QLORA_REF_FAULT_AFTER"
 FORMAT = "qlora_ref.checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(?:tmp|old)-(step-\d+)-\d+-[0-9a-f]{8}$")
+_MAX_SMALL = 64                 # bytes of LATEST, of the lock file
+_MAX_JSON = 64 << 20            # bytes of manifest.json / trainer_state.json
+#: step folders this process published, per checkpoint folder: {root: {name: (st_dev, st_ino)}}
+_WRITTEN: dict = {}
 
 
 class CheckpointError(ValueError):
@@ -92,38 +117,17 @@ def fault_point(point: str, step: int, path: Optional[Path] = None) -> None:
     ``path`` is the file just written; with ``:half`` it is first cut to half
     its length, which is what a kill in the middle of writing it leaves.
     """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    target, _, at_step = spec.partition("@")
-    target, _, mode = target.partition(":")
-    if target != point or (at_step and int(at_step) != step):
-        return
-    if mode == "half" and path is not None:
-        with open(path, "r+b") as f:
-            f.truncate(os.fstat(f.fileno()).st_size // 2)
-            f.flush()
-            os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+    _atomic.fault_point(point, step, path)
 
 
 # ----------------------------------------------------------------------------- small file-system helpers
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some file systems cannot fsync a folder; the data is still written
-        if exc.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+_fsync_path = fsync_path
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Create ``path`` (it must not exist) with ``data`` and fsync it; a short write is an error."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -134,8 +138,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of the regular file ``path`` (anything else: one ``ValueError`` line, no hang)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -179,16 +184,16 @@ def _rmtree(path: Path) -> None:
 
 
 def replace_directory(new: Path, final: Path) -> None:
-    """Move the complete folder ``new`` to ``final``, replacing what is there (the old one goes last)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        _rmtree(old)
-        os.rename(final, old)
-    os.rename(new, final)
-    _fsync_path(final.parent)
-    if old is not None:
-        _rmtree(old)
+    """Move the complete folder ``new`` to ``final``, replacing what is there (the old one goes last).
+
+    Recovers what a killed earlier swap of ``final`` left, then swaps
+    (:func:`qlora_ref._atomic.replace_directory_atomically`): a kill at any
+    point leaves a complete ``final`` or a complete marked copy the next
+    writer restores. A ``final`` that is a symlink is refused.
+    """
+    new, final = Path(new), Path(final)
+    recover_directory(final, exclude=new)
+    replace_directory_atomically(new, final)
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -209,14 +214,32 @@ def output_lock(directory: Path):
         return
     directory = Path(directory)
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:  # never through a symlink; O_NONBLOCK: a FIFO planted here does not block the open
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ValueError(f"lock file {path} is a symlink; refusing to write through it "
+                             "(remove it)") from None
+        raise
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            what = ("a regular file with other hard links" if stat.S_ISREG(st.st_mode)
+                    else _atomic._kind(st.st_mode))
+            raise ValueError(f"lock file {path} is {what}, not a lock file of qlora-ref; refusing "
+                             "to write to it (remove it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RuntimeError(f"{directory} is in use by another qlora-ref run (pid {holder}); "
                                "wait for it to finish or choose another --output-dir") from None
+        held = os.pread(fd, _MAX_SMALL + 1, 0)
+        if not re.fullmatch(rb"\d*\n?", held):  # ours hold a pid: never truncate anything else
+            raise ValueError(f"lock file {path} holds other data than a pid; refusing to "
+                             "overwrite it (remove it if it is not needed)")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -279,11 +302,44 @@ def _step_name(step: int) -> str:
 
 
 def _read_latest(root: Path) -> Optional[str]:
+    """The step folder ``root/LATEST`` names; None if it is missing or garbled.
+
+    Raises :class:`CheckpointError` (one line) if ``LATEST`` is not a regular
+    file: a FIFO there would block a plain read forever.
+    """
     try:
-        name = (root / LATEST).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        name = read_regular_file(root / LATEST, _MAX_SMALL, "checkpoint pointer").decode().strip()
+    except ValueError as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            return None
+        raise CheckpointError(str(exc)) from None
+    except OSError:
         return None
     return name if _STEP_DIR.match(name) else None
+
+
+def _same_folder(path: Path, ident: tuple) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == ident
+
+
+def _clean(root: Path, keep: set) -> None:
+    """Delete the step folders this process wrote into ``root`` (but ``keep``), and dead writers' leftovers."""
+    written = _WRITTEN.get(str(root.resolve()), {})
+    for name, ident in list(written.items()):
+        if name in keep:
+            continue
+        folder = root / name
+        if _same_folder(folder, ident) and os.path.isfile(folder / MANIFEST):
+            _rmtree(folder)
+        written.pop(name, None)
+    for entry in os.scandir(root):
+        m = _LEFTOVER.match(entry.name)
+        if m and m.group(1) not in keep:
+            recover_directory(root / m.group(1))  # only marked folders of dead writers
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
@@ -315,16 +371,15 @@ def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
     from safetensors.torch import save as safetensors_bytes
 
     root = Path(root)
+    refuse_symlink(root, "checkpoint folder")
     root.mkdir(parents=True, exist_ok=True)
     name = _step_name(step)
     previous = _read_latest(root)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    final = root / name
     keep = (f"the previous checkpoint {root / previous} is intact" if previous
             else "no earlier checkpoint exists")
-    try:
-        with disk_full_guard(f"checkpoint {name}", root, keep):
-            _rmtree(tmp)
-            tmp.mkdir()
+    with disk_full_guard(f"checkpoint {name}", root, keep):
+        with atomic_directory(final) as tmp:  # a folder of this step left by a killed run is replaced
             files = []
 
             def add(rel: str, data: bytes) -> None:
@@ -338,7 +393,8 @@ def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
             if write_extra is not None:
                 write_extra(tmp)
                 extra = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
-                               if p.is_file() and str(p.relative_to(tmp)) not in files)
+                               if p.is_file() and p.name != _atomic.MARKER
+                               and str(p.relative_to(tmp)) not in files)
                 for rel in extra:
                     _fsync_path(tmp / rel)
                     files.append(rel)
@@ -350,26 +406,21 @@ def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
                                         "sha256": sha256_file(tmp / rel)} for rel in files}}
             add(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the folder is complete
             _fsync_path(tmp)
-
-            final = root / name
-            replace_directory(tmp, final)  # a folder of this step left by a killed run is replaced
-            fault_point("rename", step)
-            pointer = root / (LATEST + ".tmp")
-            pointer.unlink(missing_ok=True)  # left by a writer killed here before
-            _write_bytes(pointer, (name + "\n").encode())
-            fault_point(LATEST, step, pointer)
-            os.replace(pointer, root / LATEST)  # the atomic switch
-            _fsync_path(root)
-            fault_point("published", step)
-    except BaseException:
-        _rmtree(tmp)
-        raise
-    # keep the new checkpoint and the one before it; delete leftovers of killed writers
-    for entry in root.iterdir():
-        if entry.name in (name, previous, LATEST):
-            continue
-        if entry.is_dir() and (_STEP_DIR.match(entry.name) or entry.name.startswith((".tmp-", ".old-"))):
-            _rmtree(entry)
+        st = os.lstat(final)
+        _WRITTEN.setdefault(str(root.resolve()), {})[name] = (st.st_dev, st.st_ino)
+        fault_point("rename", step)
+        pointer = root / (LATEST + ".tmp")
+        if os.path.lexists(pointer):  # left by a writer killed here before (a file, not a folder)
+            if os.path.isdir(pointer) and not os.path.islink(pointer):
+                raise CheckpointError(f"{pointer} is a folder; refusing to replace it")
+            os.unlink(pointer)
+        _write_bytes(pointer, (name + "\n").encode())
+        fault_point(LATEST, step, pointer)
+        os.replace(pointer, root / LATEST)  # the atomic switch
+        _fsync_path(root)
+        fault_point("published", step)
+    # keep the new checkpoint and the one before it; delete only what this process wrote
+    _clean(root, {name, previous})
     return final
 
 
@@ -385,10 +436,10 @@ def verify_checkpoint(folder: Path) -> dict:
     """
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (torn)")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(read_regular_file(path, _MAX_JSON, "checkpoint manifest"))
         files, step = manifest["files"], int(manifest["step"])
         if manifest.get("format") != FORMAT + ".manifest" or not isinstance(files, dict):
             raise KeyError("format")
@@ -398,13 +449,20 @@ def verify_checkpoint(folder: Path) -> dict:
         file = folder / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CheckpointError(f"{path} names a file outside the checkpoint: {rel!r}")
-        if not file.is_file():
+        if not os.path.lexists(file):
             raise CheckpointError(f"{file} is missing: the checkpoint is incomplete (torn)")
-        size = file.stat().st_size
+        try:
+            size = _atomic.check_regular_file(file, "checkpoint file").st_size
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(str(exc)) from None
         if size != entry.get("bytes"):
             raise CheckpointError(f"{file} is torn or modified: {size} bytes, the manifest says "
                                   f"{entry.get('bytes')}")
-        if sha256_file(file) != entry.get("sha256"):
+        try:
+            digest = sha256_file(file)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        if digest != entry.get("sha256"):
             raise CheckpointError(f"{file} is torn or modified: its sha256 differs from the manifest's")
     for required in (STATE_TENSORS, TRAINER_STATE):
         if required not in files:
@@ -458,7 +516,12 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Optional[str]]:
                 "no longer loads because unpickling can run code); start a new run")
         raise FileNotFoundError(f"no checkpoint in {path} (no {LATEST} file and no step-* folder)")
     candidates = _step_folders(path)
-    named = latest_checkpoint(path)
+    try:
+        named = latest_checkpoint(path)
+    except CheckpointError as exc:
+        named, unreadable = None, str(exc)
+    else:
+        unreadable = f"{path / LATEST} is missing or unreadable"
     problem = None
     if named is not None:
         try:
@@ -467,7 +530,7 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Optional[str]]:
         except CheckpointError as exc:
             problem = str(exc)
     else:
-        problem = f"{path / LATEST} is missing or unreadable"
+        problem = unreadable
     for folder in candidates:
         if named is not None and folder == named:
             continue
@@ -485,12 +548,12 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     Neither format can carry code: a crafted file is refused, never run.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_tensors
 
     folder = Path(folder)
     manifest = verify_checkpoint(folder)
     try:
-        state = json.loads((folder / TRAINER_STATE).read_bytes())
+        state = json.loads(read_regular_file(folder / TRAINER_STATE, _MAX_JSON, "trainer state"))
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a qlora_ref trainer state")
         if int(state["step"]) != manifest["step"]:
@@ -500,8 +563,14 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{folder / TRAINER_STATE} is not readable: {exc}") from None
-    try:
-        tensors = load_file(str(folder / STATE_TENSORS))
+    try:  # the bytes read are the bytes hashed: a file swapped after verification is refused
+        size = manifest["files"][STATE_TENSORS]["bytes"]
+        data = read_regular_file(folder / STATE_TENSORS, size, "checkpoint tensors")
+        if hashlib.sha256(data).hexdigest() != manifest["files"][STATE_TENSORS]["sha256"]:
+            raise CheckpointError(f"{folder / STATE_TENSORS} changed after it was verified")
+        tensors = load_tensors(data)
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / STATE_TENSORS} is not a readable safetensors file: "
                               f"{exc}") from None

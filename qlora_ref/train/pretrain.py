@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .._atomic import atomic_path
+from .._atomic import atomic_path, refuse_inside_package
 from .gpt import GPT, GPTConfig
 from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_batch
 
@@ -177,11 +177,8 @@ def check_output_path(path):
     that is a file or not writable. Creates nothing.
     """
     path = Path(path)
-    package = Path(__file__).resolve().parent.parent
+    refuse_inside_package(path, "--output")
     resolved = path.resolve()
-    if resolved == package or package in resolved.parents:
-        raise ValueError(f"refusing to write {path} inside the installed package ({package}); "
-                         "choose --output elsewhere (default runs/pretrain/base_model.safetensors)")
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; give a .safetensors file path")
     existing = resolved.parent  # the nearest folder that exists: it must be one, and writable

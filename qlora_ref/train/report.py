@@ -122,7 +122,12 @@ def draw_loss_curves(ax, curves: dict, ylabel: str = "answer-token cross-entropy
 
 def plot_loss_curves(curves: dict, path, title: str = "Training loss",
                      ylabel: str = "answer-token cross-entropy") -> None:
-    """Plot ``{label: [(step, loss), ...]}`` to a PNG (matplotlib, no display needed)."""
+    """Plot ``{label: [(step, loss), ...]}`` to a PNG (matplotlib, no display needed).
+
+    Written atomically (:func:`qlora_ref._atomic.atomic_path`): a full disk
+    or a kill leaves the previous image whole. The format is the suffix of
+    ``path`` (PNG without one).
+    """
     from matplotlib.figure import Figure  # not pyplot: leaves the caller's backend alone
 
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
@@ -130,7 +135,8 @@ def plot_loss_curves(curves: dict, path, title: str = "Training loss",
     draw_loss_curves(ax, curves, ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix[1:].lower() or "png")
 
 
 def write_report(result, directory) -> Path:
@@ -139,9 +145,8 @@ def write_report(result, directory) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     ylabel = ("completion-token cross-entropy" if getattr(result.config, "dataset_path", "")
               else "answer-token cross-entropy")
-    with atomic_path(directory / "loss_curve.png") as tmp:
-        plot_loss_curves({result.config.method(): result.history}, tmp,
-                         title=f"{result.config.method()} on {result.config.task}", ylabel=ylabel)
+    plot_loss_curves({result.config.method(): result.history}, directory / "loss_curve.png",
+                     title=f"{result.config.method()} on {result.config.task}", ylabel=ylabel)
     write_atomic(directory / "report.json", json.dumps(result.to_json(), indent=1))
     write_atomic(directory / "report.md", format_report(result))
     return directory / "report.md"
