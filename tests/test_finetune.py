@@ -153,3 +153,16 @@ def test_quick_compare_nf4_qlora_is_within_the_seed_spread_of_16bit_lora(tmp_pat
     # both arms learned: the untrained base's answer-token loss is about 7 on this task
     assert max(lora.loss + qlora.loss) < 2.5, (lora.loss, qlora.loss)
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()
+
+
+def test_tiny_completion_stops_at_eos():
+    """complete_tiny runs one forward per new token and stops at the first EOS (not max_new_tokens)."""
+    from qlora_ref.train.finetune import complete_tiny
+    from qlora_ref.train.pretrain import load_base_model
+
+    model = load_base_model()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    text = complete_tiny(model, "c4821=", max_new_tokens=20)
+    assert text == "4821", text  # the base model was pretrained on copy
+    assert len(calls) == len(text) + 1, f"{len(calls)} forwards for {len(text)} tokens and an EOS"

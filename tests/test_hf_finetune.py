@@ -9,6 +9,11 @@ the labels, ``transformers``' ``generate`` for the base model's continuation,
 and ``peft.AutoPeftModelForCausalLM`` for the saved adapter.
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +295,250 @@ def test_the_named_sentiment_configuration_takes_a_local_model_and_data(tmp_path
     assert (config.quant_bits, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (4, "nf4", True)
     assert (config.r, config.lora_alpha, config.learning_rate, config.num_train_epochs) == (8, 16, 2e-4, 3)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (8, 4)
+
+
+# ----------------------------------------------------------------------------- the one loop on --model
+# The --model path runs qlora_ref.train.loop, the tiny GPT's loop: checkpoints, --resume to
+# byte-equal adapters, refusal of a changed config, divergence, --overwrite, checks first.
+
+#: A short run with dropout (so a resume must restore the RNG) and a checkpoint every 2 steps.
+LOOP = ["--max-steps", "6", "--save-steps", "2", "--lr", "1e-2", "--batch-size", "2",
+        "--lora-dropout", "0.1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl",
+                       [{"prompt": p, "completion": c} for p, c in PAIRS])
+
+
+@pytest.fixture(scope="module")
+def straight(model_dir, pairs_data, tmp_path_factory):
+    """An uninterrupted 6-step run of LOOP: the reference for every resume below."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    assert main(["finetune", "--model", str(model_dir), "--data", str(pairs_data),
+                 "--output-dir", str(out), *LOOP]) == 0
+    return out
+
+
+def test_model_path_saves_checkpoints_and_a_resumed_run_ends_byte_equal(capsys, tmp_path, model_dir,
+                                                                       pairs_data, straight):
+    root = straight / "checkpoint"
+    assert (root / "LATEST").read_text().strip() == "step-000006"
+    assert {p.name for p in root.glob("step-*")} == {"step-000004", "step-000006"}
+    assert (root / "step-000006" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (straight / "adapter" / "adapter_model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    base = ["finetune", "--model", model_dir, "--data", pairs_data, "--output-dir", out, *LOOP]
+    code, _, err = cli(capsys, *base, "--stop-after", "3")
+    assert code == 0, err
+    assert (out / "checkpoint" / "LATEST").read_text().strip() == "step-000003"
+    code, _, err = cli(capsys, *base, "--resume", out)
+    assert code == 0, err
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / "adapter" / name).read_bytes() == (straight / "adapter" / name).read_bytes(), name
+    got, want = (json.loads((d / "report.json").read_text()) for d in (out, straight))
+    assert got["history"] == want["history"] and got["resumed_from_step"] == 3
+
+
+def test_model_path_resume_refuses_another_config_or_data(capsys, tmp_path, model_dir, pairs_data,
+                                                          straight):
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": p, "completion": "neutral"}
+                                                   for p, _ in PAIRS])
+    cases = [(["--data", pairs_data, "--lr", "2e-2"], "trained with learning_rate=0.01, this run "
+                                                      "has learning_rate=0.02"),
+             (["--data", pairs_data, "--r", "4"], "trained with r=8, this run has r=4"),
+             (["--data", other], "was trained on another data file"),
+             (["--data", pairs_data, "--max-steps", "4"], "is at step 6, past this run's 4 steps")]
+    for extra, message in cases:
+        args = [a for a in LOOP if a != "--quiet"]
+        code, out, err = cli(capsys, "finetune", "--model", model_dir, *args, *extra,
+                             "--resume", straight, "--output-dir", tmp_path / "o")
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, err)
+        assert out == "" and not (tmp_path / "o").exists(), "refused after the banner or the folder"
+
+
+ZYGOTE = r"""
+import json, os, sys, traceback
+import torch
+torch.set_num_threads(1)
+import matplotlib.figure, transformers, peft  # noqa: F401
+import qlora_ref.cli, qlora_ref.train.hf_finetune, qlora_ref.train.report  # noqa: F401
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.environ.update(job["env"])
+            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = qlora_ref.cli.main(job["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+#: (QLORA_REF_FAULT_AFTER, the step LATEST names after the kill), a checkpoint every step:
+#: a kill in the middle of writing each file of checkpoint s leaves checkpoint s - 1.
+KILLS = [("training_state.safetensors:half@2", 1), ("trainer_state.json:half@3", 2),
+         ("adapter/adapter_config.json:half@4", 3), ("adapter/adapter_model.safetensors:half@5", 4),
+         ("manifest.json:half@6", 5), ("step@7", 6)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="forks a warm parent and kills with SIGKILL (Linux)")
+def test_model_path_killed_during_each_checkpoint_file_resumes_byte_equal(tmp_path, model_dir,
+                                                                          pairs_data):
+    """kill -9 while each checkpoint file is half written, then --resume: the uninterrupted adapter."""
+    from qlora_ref.train import checkpoint as ckpt
+
+    common = ["finetune", "--model", str(model_dir), "--data", str(pairs_data), "--max-steps", "8",
+              "--save-steps", "1", "--lr", "1e-2", "--batch-size", "2", "--lora-dropout", "0.1",
+              "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoint"
+
+    def run(argv, fault, name):
+        zygote.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(tmp_path / name),
+                                       "env": {ckpt.FAULT_ENV: fault} if fault else {}}) + "\n")
+        zygote.stdin.flush()
+        return json.loads(zygote.stdout.readline())["code"], (tmp_path / name).read_text()
+
+    try:
+        assert zygote.stdout.readline().strip() == "ready"
+        code, log = run(common + ["--output-dir", tmp_path / "reference"], None, "reference.log")
+        assert code == 0, log
+        resume = []
+        for i, (fault, expected) in enumerate(KILLS):
+            code, log = run(common + ["--output-dir", out, *resume], fault, f"{i}.log")
+            assert code == -signal.SIGKILL, f"{fault}: exit {code}, not killed\n{log}"
+            assert ckpt.find_checkpoint(root) == (root / f"step-{expected:06d}", None), fault
+            resume = ["--resume", out]
+        code, log = run(common + ["--output-dir", out, *resume], None, "final.log")
+        assert code == 0, log
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=60)
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_model_path_infinite_gradient_norm_is_divergence_not_a_finite_loss(capsys, tmp_path,
+                                                                          model_dir, pairs_data,
+                                                                          monkeypatch):
+    """A finite loss with an infinite gradient (what a float16 overflow in the backward gives)."""
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def overflowing(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        parameters[0].grad[0] = float("inf")
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "finetune", "--model", model_dir, "--data", pairs_data,
+                       "--output-dir", out, *LOOP)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "gradient norm became inf at step 1" in lines[0] and "No checkpoint was written" in lines[0]
+    assert not (out / "adapter").exists() and not (out / "report.json").exists()
+
+
+def test_model_path_refuses_an_earlier_runs_folder_unless_overwrite(capsys, tmp_path, model_dir,
+                                                                   pairs_data):
+    out = tmp_path / "out"
+    base = ["finetune", "--model", model_dir, "--data", pairs_data, "--output-dir", out,
+            "--batch-size", "2", "--quiet"]
+    code, _, err = cli(capsys, *base, "--max-steps", "3", "--save-steps", "1")
+    assert code == 0, err
+    first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, _, err = cli(capsys, *base, "--max-steps", "2", "--lr", "1e-2")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and f"{out} holds an earlier run's adapter" in lines[0], err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first, "the old one is kept"
+    code, _, err = cli(capsys, *base, "--max-steps", "2", "--lr", "1e-2", "--overwrite")
+    assert code == 0, err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != first
+    # the earlier run's checkpoints (steps 2 and 3) are gone: a later --resume cannot mix the two runs
+    assert sorted(p.name for p in (out / "checkpoint").glob("step-*")) == ["step-000002"]
+    assert json.loads((out / "report.json").read_text())["steps"] == 2
+
+
+def test_bad_input_creates_nothing_and_prints_no_banner(capsys, tmp_path, model_dir, pairs_data):
+    import qlora_ref
+
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "a"}\n')
+    bad_config = tmp_path / "c.json"
+    bad_config.write_text(json.dumps({"c": {"dataset_path": str(pairs_data), "lora_rank": 4}}))
+    inside = Path(qlora_ref.__file__).parent / "runs-test-never-created"
+    out = tmp_path / "new" / "out"
+    cases = [(["--model", model_dir, "--data", bad_data], out, "field 'completion' is missing"),
+             (["--model", tmp_path / "nowhere", "--data", pairs_data], out, "no such folder"),
+             (["--model", model_dir, "--data", tmp_path / "none.jsonl"], out, "none.jsonl"),
+             (["--config", bad_config, "c", "--model", model_dir], out, "unknown field 'lora_rank'"),
+             (["--model", model_dir, "--data", pairs_data, "--resume", tmp_path / "nowhere"], out,
+              "no checkpoint at"),
+             (["--model", model_dir, "--data", pairs_data], inside, "inside the installed package")]
+    for args, where, message in cases:
+        code, stdout, err = cli(capsys, "finetune", *args, "--output-dir", where, "--max-steps", "1")
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
+        assert stdout == "", f"{args}: the banner was printed before the check: {stdout!r}"
+        assert not where.exists() and not (tmp_path / "new").exists(), f"{args}: {where} was created"
+
+
+def test_full_finetune_on_a_model_trains_every_weight_and_saves_a_model_folder(capsys, tmp_path,
+                                                                             model_dir, pairs_data):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "finetune", "--model", model_dir, "--data", pairs_data, "--output-dir",
+                       out, "--full-finetune", "--max-steps", "3", "--lr", "1e-3", "--batch-size", "2",
+                       "--quiet")
+    assert code == 0, err
+    assert not (out / "adapter").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["parameters"]["trainable"] == report["parameters"]["total"]
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
+    code, text, err = cli(capsys, "generate", "--model", out / "model", "--prompt", PAIRS[0][0],
+                          "--max-new-tokens", "2")
+    assert code == 0, err  # the folder holds the tokenizer too
+
+
+def test_hf_finetune_as_a_library_call_writes_nothing_and_returns_model_and_history(tmp_path,
+                                                                                   model_dir,
+                                                                                   pairs_data,
+                                                                                   monkeypatch):
+    """What an experiment script loops over: no output folder, no evaluation, loss history back."""
+    from qlora_ref.train.hf_finetune import (HFFinetuneConfig, completion_loss, encode_examples,
+                                             hf_finetune, load_tokenizer)
+    from qlora_ref.train.jsonl import read_examples
+
+    monkeypatch.chdir(tmp_path)
+    config = HFFinetuneConfig(base_model=str(model_dir), dataset_path=str(pairs_data), max_steps=4,
+                              learning_rate=1e-2, per_device_train_batch_size=2, lora_dropout=0.0)
+    result = hf_finetune(config, device="cpu", progress=False, evaluate=False)
+    assert [s for s, _ in result.history] == [1, 2, 3, 4] and result.before == result.after == {}
+    assert list(tmp_path.iterdir()) == [], "a library call without output_dir wrote files"
+    tokenizer = load_tokenizer(model_dir)
+    encoded = encode_examples(read_examples(pairs_data), tokenizer, max_length=64)
+    loss = completion_loss(result.model, encoded, tokenizer.pad_token_id, "cpu")
+    again = hf_finetune(config, device="cpu", progress=False, evaluate=False)
+    assert again.history == result.history, "the same config gives the same run"
+    assert completion_loss(again.model, encoded, tokenizer.pad_token_id, "cpu") == loss

@@ -3,13 +3,26 @@
 Two forms, the same flags where they apply:
 
 * ``qlora-ref finetune [--task sort]`` -- the shipped tiny GPT on a generated
-  task (:func:`qlora_ref.train.finetune.finetune`; checkpoints and ``--resume``);
+  task (:func:`qlora_ref.train.finetune.finetune`);
 * ``qlora-ref finetune --model DIR --data FILE.jsonl`` -- any local Hugging
   Face causal LM on a JSONL file (:func:`qlora_ref.train.hf_finetune.hf_finetune`).
 
-Both write ``adapter/`` (PEFT layout), ``loss_curve.png``, ``report.md`` and
-``report.json`` into ``--output-dir``. A named configuration
-(``--config FILE NAME``) with a ``dataset_path`` is of the second form.
+Both run the one loop of :mod:`qlora_ref.train.loop` (checkpoints with
+``--save-steps``, ``--resume``, ``--stop-after``, ``--full-finetune``) and
+write ``adapter/`` (PEFT layout; ``model/`` with ``--full-finetune``),
+``checkpoint/``, ``loss_curve.png``, ``report.md`` and ``report.json`` into
+``--output-dir``. Under ``torchrun --nproc-per-node N`` the processes share
+every batch (DistributedDataParallel); with ``--fsdp`` the model is sharded
+over them with FSDP2 instead (``docs/multi_gpu.md``). A named configuration (``--config FILE NAME``) with a
+``dataset_path`` is of the second form.
+
+Every input (configuration, data file, model folder, output folder, the
+checkpoint to resume) is checked before the banner is printed or anything is
+created. An ``--output-dir`` that holds an earlier run's results
+(``adapter/``, ``model/``, ``report.json`` or ``checkpoint/``) is refused
+unless ``--overwrite`` (start over: the earlier checkpoints are deleted, the
+adapter and report replaced at the end) or ``--resume`` is given, as
+``transformers``' example scripts refuse without ``--overwrite_output_dir``.
 """
 from __future__ import annotations
 
@@ -26,8 +39,7 @@ DESCRIPTION = ("Quantize the base model to NF4 with double quantization, attach 
                "on the completions only.")
 
 #: Flags of the tiny-GPT form only, and of the Hugging Face form only (refused in the other).
-TINY_ONLY = {"task": "--task", "resume": "--resume", "stop_after": "--stop-after",
-             "save_steps": "--save-steps", "full_finetune": "--full-finetune"}
+TINY_ONLY = {"task": "--task"}
 HF_ONLY = {"max_length": "--max-length", "truncate": "--truncate"}
 
 
@@ -49,7 +61,8 @@ def add_arguments(p):
                    "default), 8 (blockwise 8-bit) or 16 (plain LoRA)")
     p.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], help="4-bit type (default nf4)")
     p.add_argument("--no-double-quant", action="store_true", help="keep float32 absmax constants")
-    p.add_argument("--full-finetune", action="store_true", help="train all weights, no adapters")
+    p.add_argument("--full-finetune", action="store_true", help="train every weight (float32), "
+                   "no adapters; the trained model goes to OUTPUT_DIR/model")
     p.add_argument("--r", type=int, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16; scaling alpha/r)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0 for the tiny "
@@ -69,12 +82,18 @@ def add_arguments(p):
                    "shipped one)")
     p.add_argument("--output-dir", default="runs/finetune", help="where results go "
                    "(default runs/finetune)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier "
+                   "run in --output-dir (without it, or --resume, such a folder is refused)")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a verified checkpoint: "
                    "OUTPUT_DIR, OUTPUT_DIR/checkpoint (its newest complete one) or a step-N folder; "
                    "made with the same settings (only the number of steps may change)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps, as if "
                    "interrupted (then --resume)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the 4-bit base and "
+                   "the adapters over the processes with FSDP2 instead of replicating the model "
+                   "(DDP); trains with --optim adamw, checkpoints with DCP; a checkpoint resumes "
+                   "on another process count with the same global batch (see docs/multi_gpu.md)")
     return p
 
 
@@ -94,7 +113,7 @@ def _is_hf(args) -> bool:
 
 def _finetune_config(args):
     """The run's configuration from parsed arguments (a named config, then the flags over it)."""
-    from ..train.finetune import FinetuneConfig, load_config
+    from ..train.config import FinetuneConfig, load_config
 
     hf = _is_hf(args)
     if hf and args.base_model:
@@ -111,7 +130,7 @@ def _finetune_config(args):
                      max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                      gradient_accumulation_steps=args.gradient_accumulation_steps,
                      save_steps=args.save_steps, base_model=args.base_model, seed=args.seed,
-                     optim=args.optim)
+                     optim=args.optim or ("adamw" if getattr(args, "fsdp", False) else None))
     if hf:
         overrides.update(base_model=getattr(args, "model", None),
                          dataset_path=getattr(args, "data", None),
@@ -130,7 +149,7 @@ def _finetune_config(args):
             overrides["seed"] = None
         return load_config(args.config[0], args.config[1], **overrides)
     if hf:
-        from ..train.hf_finetune import HFFinetuneConfig
+        from ..train.config import HFFinetuneConfig
 
         if not overrides["base_model"] or not overrides["dataset_path"]:
             raise ValueError("--model DIR and --data FILE.jsonl go together")
@@ -138,28 +157,36 @@ def _finetune_config(args):
     return FinetuneConfig(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _banner(config, out) -> str:
+    hf = bool(getattr(config, "dataset_path", ""))
+    return (f"qlora-ref finetune: {config.method()} of "
+            f"{config.base_model if hf else 'the tiny GPT'} on "
+            f"{config.dataset_path if hf else repr(config.task)}, output in {out}")
+
+
 def run(args) -> int:
     config = _finetune_config(args)
     out = args.output_dir
-    if not args.quiet:
-        print(f"qlora-ref finetune: {config.method()} of "
-              f"{config.base_model if getattr(config, 'dataset_path', '') else 'the tiny GPT'} on "
-              f"{config.dataset_path if getattr(config, 'dataset_path', '') else repr(config.task)}, "
-              f"output in {out}", flush=True)
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun, one banner
+    on_ready = None if args.quiet or not first else (lambda: print(_banner(config, out), flush=True))
+    common = dict(device=args.device, output_dir=out, resume_from=args.resume,
+                  stop_after=args.stop_after, progress=not args.quiet,
+                  overwrite=args.overwrite, on_ready=on_ready, fsdp=args.fsdp)
     if getattr(config, "dataset_path", ""):
         from ..train.hf_finetune import hf_finetune
 
-        result = hf_finetune(config, device=args.device, output_dir=out, progress=not args.quiet)
+        result = hf_finetune(config, **common)
     else:
         from ..train.finetune import finetune
 
-        result = finetune(config, device=args.device, output_dir=out, resume_from=args.resume,
-                          stop_after=args.stop_after, progress=not args.quiet)
+        result = finetune(config, **common)
     if not args.quiet and result.after:
         from ..train.report import format_summary
 
         print(format_summary(result))
-        print(f"adapters (PEFT layout): {os.path.join(out, 'adapter')}\n"
+        saved = (f"model: {os.path.join(out, 'model')}" if config.full_finetune
+                 else f"adapters (PEFT layout): {os.path.join(out, 'adapter')}")
+        print(f"{saved}\n"
               f"loss curve: {os.path.join(out, 'loss_curve.png')}\n"
               f"report: {os.path.join(out, 'report.md')}")
     return 0

@@ -21,36 +21,40 @@ One longer than ``max_length`` tokens is an error naming its file and line;
 with ``truncate`` it is cut to ``max_length`` instead (and refused only if no
 completion token is left).
 
-The loop is the one of :mod:`qlora_ref.train.finetune` (paged AdamW on the
-adapters, gradient accumulation, gradient clipping, the batch order a
-function of seed and epoch); the outputs are the same too: ``adapter/`` in
-PEFT's layout (``peft.AutoPeftModelForCausalLM.from_pretrained`` opens it),
+The loop is the one of :mod:`qlora_ref.train.loop`, shared with the tiny
+GPT (paged AdamW on the adapters, gradient accumulation, gradient clipping,
+the batch order a function of seed and epoch, checkpoints every
+``save_steps``, ``--resume`` to byte-equal adapters, divergence stops); the
+outputs are the same too: ``adapter/`` in PEFT's layout
+(``peft.AutoPeftModelForCausalLM.from_pretrained`` opens it), or with
+``full_finetune`` ``model/``, a ``save_pretrained`` folder of every trained
+weight and the tokenizer (``--model OUTPUT_DIR/model`` opens it);
 ``loss_curve.png``, ``report.md`` and ``report.json``, with the completion
-loss and a few greedy completions before and after fine-tuning.
+loss and a few greedy completions before and after fine-tuning. The
+configuration is :class:`~qlora_ref.train.config.HFFinetuneConfig`
+(re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
-import math
 import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
-from ..nn import load_adapter, prepare_model, save_adapter, trainable_parameters
-from ..optim import make_optimizer
+from ..nn import load_adapter, trainable_parameters
 from . import checkpoint as ckpt
-from .finetune import (FinetuneConfig, FinetuneResult, TrainingDiverged, _progress, batch_indices,
-                       check_output_dir)
+from . import loop
+from .config import HFFinetuneConfig
 from .jsonl import Example, read_examples
+from .loop import FinetuneResult, TrainingDiverged  # noqa: F401  (raised by hf_finetune)
 
 __all__ = ["HFFinetuneConfig", "hf_finetune", "load_pretrained", "load_tokenizer", "load_model",
-           "encode_examples",
-           "completion_loss", "generate", "complete", "IGNORE_INDEX"]
+           "encode_examples", "collate", "completion_loss", "generate", "complete", "folder_sha256",
+           "IGNORE_INDEX"]
 
 #: The label of a token the loss leaves out (``torch.nn.CrossEntropyLoss``'s ``ignore_index``).
 IGNORE_INDEX = -100
@@ -59,37 +63,6 @@ IGNORE_INDEX = -100
 REPORT_EXAMPLES = 3
 #: Examples whose completion loss is reported before/after (the first ones of the file).
 EVAL_EXAMPLES = 64
-
-
-@dataclasses.dataclass
-class HFFinetuneConfig(FinetuneConfig):
-    """A :class:`~qlora_ref.train.finetune.FinetuneConfig` for a Hugging Face model and a JSONL file.
-
-    ``base_model`` is a local model folder (``config.json``, weights and
-    tokenizer files); ``dataset_path`` a JSONL file. ``task``,
-    ``train_size`` and ``eval_size`` are set from the data. The defaults
-    follow the paper's recipe for 7B-13B models where they differ from the
-    tiny GPT's: learning rate 2e-4, dropout 0.05, batch 8.
-    """
-
-    base_model: str = ""
-    task: str = "jsonl"
-    learning_rate: float = 2e-4
-    lora_dropout: float = 0.05
-    per_device_train_batch_size: int = 8
-    dataset_path: str = ""
-    max_length: int = 512                   #: tokens per example (prompt + completion + EOS)
-    truncate: bool = False                  #: cut over-long examples instead of refusing them
-
-    EXTRA_FIELD_TYPES = {"dataset_path": (str,), "max_length": (int,), "truncate": (bool,)}
-
-    def _check_data(self) -> None:
-        if not self.base_model or self.base_model == "default":
-            raise ValueError("base_model must name a local Hugging Face model folder (--model DIR)")
-        if not self.dataset_path:
-            raise ValueError("dataset_path must name a JSONL file (--data FILE.jsonl)")
-        if isinstance(self.max_length, bool) or self.max_length < 2:
-            raise ValueError(f"max_length must be an integer of at least 2, got {self.max_length!r}")
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -260,9 +233,68 @@ def _shown_examples(examples: list, tokenizer) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- the run
 
+def folder_sha256(model_dir: str | os.PathLike) -> str:
+    """One sha256 of a model folder's files (config, weights, tokenizer): a resume's base-model check.
+
+    Every regular file directly in the folder with a suffix in
+    :data:`MODEL_FILE_SUFFIXES` counts, by name and content, in name order.
+    """
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix in MODEL_FILE_SUFFIXES and path.is_file() and not path.is_symlink():
+            h.update(f"{path.name}\0{ckpt.sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+#: The files of a model folder :func:`folder_sha256` reads.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
+
+
+def _trainee(config: HFFinetuneConfig, device, encoded: list, tokenizer,
+             fingerprints: dict) -> loop.Trainee:
+    """Load the model (float32 for full fine-tuning, else bfloat16 on CUDA) and make it trainable."""
+    dtype = torch.bfloat16 if device.type == "cuda" and not config.full_finetune else torch.float32
+    model = load_model(config.base_model, device="cpu", dtype=dtype)
+    torch.manual_seed(config.seed)
+    model = loop.make_trainable(model, config, device)
+    pad = tokenizer.pad_token_id
+
+    def micro_batch_loss(train_model, idx):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+        # transformers shifts the labels: the mean is over the completion tokens after the first
+        return train_model(**batch).loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def save_full(trained, folder):  # a folder --model (and AutoModelForCausalLM) can open
+        trained.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return loop.Trainee(model, micro_batch_loss, fingerprints, save_full=save_full,
+                        adapter_kwargs={"base_model_name_or_path": str(Path(config.base_model).resolve())})
+
+
+def _prepare_data(config: HFFinetuneConfig):
+    """Read and encode the data (bad lines fail here, before the model loads): (config, encoded, ...)."""
+    examples = read_examples(config.dataset_path)
+    tokenizer = load_tokenizer(config.base_model)
+    encoded = encode_examples(examples, tokenizer, config.max_length, config.truncate,
+                              source=str(config.dataset_path))
+    config = dataclasses.replace(config, train_size=len(encoded), task=Path(config.dataset_path).name,
+                                 eval_size=min(len(encoded), EVAL_EXAMPLES))
+    return config, examples, encoded, tokenizer
+
+
 def hf_finetune(config: HFFinetuneConfig, device=None, output_dir=None, progress: bool = True,
-                max_new_tokens: int = 32) -> FinetuneResult:
+                max_new_tokens: int = 32, resume_from=None, stop_after: int | None = None,
+                overwrite: bool = False, evaluate: bool = True, on_ready=None,
+                fsdp: bool = False) -> FinetuneResult:
     """Fine-tune ``config.base_model`` on ``config.dataset_path``; write adapter, plot and report.
+
+    The loop is :func:`qlora_ref.train.loop.train`, as for the tiny GPT: the
+    same checkpoints, ``resume_from`` (byte-equal adapters to an
+    uninterrupted run), divergence handling and torchrun support. As a
+    library call (``output_dir=None``) nothing is written; the result holds
+    ``model``, ``tokenizer`` and ``history``, and :func:`completion_loss`
+    scores the model on any encoded examples.
 
     Parameters
     ----------
@@ -270,111 +302,96 @@ def hf_finetune(config: HFFinetuneConfig, device=None, output_dir=None, progress
     device : "cpu", "cuda" or None
         ``None``: CUDA when available.
     output_dir : path, optional
-        Where ``adapter/`` (PEFT layout), ``report.md``, ``report.json`` and
-        ``loss_curve.png`` go; checked and locked before the model is loaded.
+        Where ``adapter/`` (PEFT layout; with ``full_finetune`` ``model/``, a
+        ``save_pretrained`` folder with the tokenizer), ``checkpoint/``,
+        ``report.md``, ``report.json`` and ``loss_curve.png`` go; checked
+        before anything is read or created, and locked while the run writes.
+        A folder holding an earlier run's results is refused unless
+        ``overwrite`` or ``resume_from`` is given.
     progress : bool
         A progress bar on stderr.
     max_new_tokens : int
         Length of the greedy completions shown in the report.
+    resume_from, stop_after, overwrite, on_ready
+        As for :func:`qlora_ref.train.finetune.finetune`; a checkpoint made
+        from another model folder or data file (by sha256) is refused.
+    evaluate : bool
+        Score the model before and after (completion loss, greedy
+        completions); ``False`` (only without ``output_dir``) skips both.
+    fsdp : bool
+        Under ``torchrun``: shard the model with FSDP2, as for
+        :func:`qlora_ref.train.finetune.finetune` (``config.optim`` must be ``"adamw"``).
 
     Raises
     ------
     ValueError
-        A folder that is not a model, bad data (``FILE:LINE: ...``), a bad output folder.
+        A folder that is not a model, bad data (``FILE:LINE: ...``), a bad
+        output folder, a checkpoint that does not fit.
     TrainingDiverged
         The loss or the gradient norm became NaN or infinite.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
+    device = loop.resolve_device(device)
+    if not evaluate and output_dir is not None:
+        raise ValueError("evaluate=False writes no report: call it without output_dir")
+    loop.check_stop_after(stop_after)
+    if fsdp:
+        loop.check_fsdp(config)
+    rank, world, device = loop.distributed(device, fsdp)
     out = Path(output_dir) if output_dir is not None else None
-    examples = read_examples(config.dataset_path)       # bad data fails before the model loads
-    with contextlib.ExitStack() as stack:
-        if out is not None:
-            check_output_dir(out)
-            stack.enter_context(ckpt.output_lock(out))
-        return _train(config, examples, device, out, progress, max_new_tokens)
+    writer = rank == 0 and out is not None
+    if writer:
+        loop.check_output_dir(out, overwrite=overwrite, resuming=resume_from is not None)
+    config, examples, encoded, tokenizer = _prepare_data(config)
+    fingerprints = {} if out is None and resume_from is None else {
+        "base_model_sha256": (folder_sha256(config.base_model), str(config.base_model)),
+        "dataset_sha256": (ckpt.sha256_file(Path(config.dataset_path)), str(config.dataset_path))}
+    resumed = loop.read_resume(resume_from, config, world, fingerprints, rank, fsdp) \
+        if resume_from is not None else None
+    with loop.locked_output(out, writer, clear_checkpoints=overwrite and resume_from is None) as ready:
+        if on_ready is not None:
+            on_ready()
+        trainee = _trainee(config, device, encoded, tokenizer, fingerprints)
+        ready()
+        return _run(config, trainee, tokenizer, examples, encoded, device, out, resumed, stop_after,
+                    progress, evaluate, max_new_tokens, rank, world, fsdp)
 
 
-def _train(config, examples, device, out, progress, max_new_tokens) -> FinetuneResult:
-    tokenizer = load_tokenizer(config.base_model)
-    encoded = encode_examples(examples, tokenizer, config.max_length, config.truncate,
-                              source=str(config.dataset_path))   # before the (large) model loads
-    model = load_model(config.base_model, device="cpu",
-                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    config = dataclasses.replace(config, train_size=len(encoded), task=Path(config.dataset_path).name,
-                                 eval_size=min(len(encoded), EVAL_EXAMPLES))
-    torch.manual_seed(config.seed)
-    compute = getattr(torch, config.bnb_4bit_compute_dtype) if config.bnb_4bit_compute_dtype \
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = prepare_model(
-        model, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        quant_type=config.bnb_4bit_quant_type if config.quant_bits == 4 else None,
-        double_quant=config.bnb_4bit_use_double_quant, quant_bits=config.quant_bits,
-        compute_dtype=compute if config.quant_bits != 16 else None,
-        init=config.init_lora_weights).to(device)
-    pad = tokenizer.pad_token_id
-    evaluated = encoded[:config.eval_size]
-    shown = _shown_examples(examples, tokenizer)
-    before = {"loss": completion_loss(model, evaluated, pad, device, config.batch_size),
-              "completions": [complete(model, tokenizer, p, max_new_tokens, device) for p, _ in shown]}
+def _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) -> dict:
+    return {"loss": completion_loss(model, evaluated, tokenizer.pad_token_id, device, config.batch_size),
+            "completions": [complete(model, tokenizer, p, max_new_tokens, device) for p, _ in shown]}
 
+
+def _run(config, trainee, tokenizer, examples, encoded, device, out, resumed, stop_after, progress,
+         evaluate, max_new_tokens, rank, world, fsdp=False) -> FinetuneResult:
+    """Evaluate, train with the shared loop, evaluate again, write the outputs (rank 0).
+
+    With ``fsdp`` the trained model is sharded, so every rank scores it after
+    training (the same forwards; rank 0 keeps the scores).
+    """
+    model = trainee.model
     params = trainable_parameters(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, name=config.optim, lr=config.learning_rate,
-                               weight_decay=config.weight_decay)
-    total = config.total_steps()
-    history, step = [], 0
-    bar = _progress(total, 0, enabled=progress)
-    started = time.perf_counter()
-    model.train()
-    try:
-        while step < total:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(config.gradient_accumulation_steps):
-                idx = batch_indices(step, micro, config, 0, 1)
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
-                with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                      else contextlib.nullcontext()):
-                    loss = model(**batch).loss
-                (loss / config.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / config.gradient_accumulation_steps
-            norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm) \
-                if config.max_grad_norm else None
-            if not math.isfinite(step_loss) or (norm is not None and not bool(torch.isfinite(norm))):
-                raise TrainingDiverged(f"the training loss became {step_loss} at step {step + 1} "
-                                       f"(learning_rate={config.learning_rate}); stopped before "
-                                       "the update, nothing saved")
-            optimizer.step()
-            step += 1
-            history.append((step, step_loss))
-            bar(step, step_loss)
-    finally:
-        bar(None, None)
-    seconds = time.perf_counter() - started
-    model.eval()
-    after = {"loss": completion_loss(model, evaluated, pad, device, config.batch_size),
-             "completions": [complete(model, tokenizer, p, max_new_tokens, device) for p, _ in shown]}
+    evaluated = encoded[:config.eval_size]
+    shown = _shown_examples(examples, tokenizer) if evaluate and (rank == 0 or fsdp) else []
+    scored = evaluate and rank == 0
+    before = _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) if scored else {}
+    state = loop.train(trainee, config, device, out, resumed, stop_after, progress, rank, world,
+                       fsdp)
+    after = _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) \
+        if evaluate and (rank == 0 or fsdp) else {}
+    if rank != 0:
+        after = {}
     result = FinetuneResult(
-        config=config, before=before, after=after, history=history,
-        parameters=dataclasses.asdict(params), seconds=seconds, steps=step, device=str(device),
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        output_dir=str(out) if out else None,
+        config=config, before=before, after=after, history=state.history,
+        parameters=dataclasses.asdict(params), seconds=state.seconds, steps=state.steps,
+        device=str(device), peak_memory_bytes=state.peak_memory_bytes,
+        output_dir=str(out) if out else None, resumed_from_step=state.resumed_from,
         examples=[{"prompt": p, "expected": e, "before": b, "after": a}
-                  for (p, e), b, a in zip(shown, before["completions"], after["completions"])])
+                  for (p, e), b, a in zip(shown, before.get("completions", []),
+                                          after.get("completions", []))])
     if out is not None:
-        with ckpt.disk_full_guard("the adapter and report", out, keep="no earlier adapter was replaced"):
-            tmp = out / f".tmp-adapter-{os.getpid()}"
-            try:
-                save_adapter(model, tmp, base_model_name_or_path=str(Path(config.base_model).resolve()))
-                ckpt.replace_directory(tmp, out / "adapter")
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            from .report import write_report
-
-            write_report(result, out)
+        with loop.whole_adapters(model, fsdp):  # a collective with fsdp
+            if rank == 0:
+                loop.run_outputs(result, trainee, out)
     result.model, result.tokenizer = model, tokenizer
     return result
 
