@@ -8,10 +8,12 @@ import numpy as np
 from qlora_ref import nf4_code
 
 
-def decode_byte(byte):
-    """High nibble: the first element; low nibble: the second."""
-    table = nf4_code()
-    return table[byte >> 4], table[byte & 0x0F]
+def dequantize_nf4(packed, absmax, n):
+    """Unpack (high nibble first), drop the pad, look each code up in NF4, times its block's absmax."""
+    packed = np.asarray(packed, np.uint8)
+    codes = np.stack([packed >> 4, packed & 0x0F], axis=1).reshape(-1)[:n]   # (n,) element 2j high
+    scale = np.repeat(np.asarray(absmax, np.float32), 64)[:n]                # (n,) c2 of each element
+    return nf4_code()[codes] * scale
 
 
 def state_nbytes(n):

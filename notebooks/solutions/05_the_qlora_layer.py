@@ -25,5 +25,13 @@ def saved_bytes(x_shape, d_out, r, dropout):
     return 4 * n_x + (n_x if dropout else 0) + 4 * r * d_in + 4 * d_out * r
 
 
-#: Exercise 3. dA = s (G B)^T X is zero while B = 0; dB = s G^T (X A^T) is not, A being random.
-nonzero_at_first_step = {"lora_B"}
+def two_sgd_steps(G, X, A, s, lr):
+    """Exercise 3. With dE/dY = G: dA = s (G B)^T X and dB = s G^T (X A^T).
+
+    Step 1, B = 0: dA = 0, so only B moves, to B1 = -lr s G^T (X A^T). Step 2: A moves by
+    -lr s (G B1)^T X, and dB is computed with the A of step 1 (unchanged), so B2 = 2 B1.
+    """
+    B1 = -lr * s * G.T @ (X @ A.T)               # (out, r)
+    A2 = A - lr * s * (G @ B1).T @ X             # (r, in)
+    B2 = B1 - lr * s * G.T @ (X @ A.T)           # (out, r) dB of step 2 uses A before its update
+    return A2, B2

@@ -11,16 +11,14 @@ def qlora_gb(n_params, n_lora):
     return (weights + 2 * n_lora + 2 * n_lora + 8 * n_lora) / 1e9
 
 
-def _qlora_65b_gb(r):
-    # LLaMA-65B: per layer, q k v o are 8192 -> 8192, gate and up 8192 -> 22016, down 22016 -> 8192
-    h, i, layers, n = 8192, 22016, 80, 65e9
-    n_lora = layers * r * (4 * 2 * h + 3 * (h + i))
-    return qlora_gb(n, n_lora)
-
-
-#: Exercise 2. Each rank adds 12 bytes per LoRA parameter (16-bit weight and gradient, two float32
-#: moments); search upward from r = 64 until 48 GB is exceeded.
-largest_rank_under_48gb = max(r for r in range(1, 1024) if _qlora_65b_gb(r) <= 48)
+def largest_rank(budget_gb, activation_bytes):
+    """Exercise 2. Everything but the adapters is fixed; each rank adds 12 bytes (16-bit weight and
+    gradient, two float32 moments) per LoRA parameter, and LLaMA-65B has 80 r (4 * 2h + 3 (h + i))
+    of those (q, k, v, o: h -> h; gate, up: h -> i; down: i -> h). Solve for r and round down."""
+    h, i, layers = 8192, 22016, 80
+    per_rank = layers * (4 * 2 * h + 3 * (h + i))              # LoRA parameters per unit of rank
+    fixed = qlora_gb(65e9, 0) * 1e9 + activation_bytes        # bytes with no adapters
+    return max(0, math.floor((budget_gb * 1e9 - fixed) / (12 * per_rank)))
 
 
 def paged_adamw_numbers(shapes, page_size):

@@ -11,6 +11,7 @@ def nf4_codes(weight):
     blocks = torch.as_tensor(weight, dtype=torch.float32).reshape(-1, 64)   # (n_blocks, 64)
     absmax = blocks.abs().amax(dim=1, keepdim=True)                          # (n_blocks, 1) c_b
     levels = torch.tensor(qlora_ref.nf4_code(), dtype=torch.float32)         # (16,)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))        # an all-zero block: 0 / 1
     distance = ((blocks / absmax).unsqueeze(-1) - levels).abs()              # (n_blocks, 64, 16)
     return distance.argmin(dim=-1).reshape(-1).numpy().astype(np.uint8)
 
