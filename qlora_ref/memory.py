@@ -49,6 +49,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 __all__ = [
+    "fsdp_memory",
+    "fsdp_memory_table",
+    "shape_from_config",
     "BLOCKWISE_BITS",
     "PLAIN_BITS",
     "METHODS",
@@ -724,3 +727,93 @@ def memory_table(n_params: int, *, lora_params: int | None = None, activation_by
         finetune_memory(n_params, "lora", lora_params=lora_params, **acts),
         finetune_memory(n_params, "qlora", lora_params=lora_params, **acts, **storage),
     ))
+
+
+def fsdp_memory(shape: DecoderShape, shards: int, *, r: int = 64, seq_len: int | None = None,
+                batch_size: int = 1, gradient_checkpointing: bool = False) -> MemoryTable:
+    r"""Per-GPU memory of QLoRA sharded over ``shards`` GPUs with FSDP2 (``qlora_ref.distributed``).
+
+    FSDP2 keeps :math:`1/N` of every parameter, gradient and optimizer state
+    on each GPU and all-gathers one decoder block's stored (4-bit) weight
+    before it runs:
+
+    .. math::
+
+        \text{per GPU} = \frac{\mathrm{bytes}_\mathrm{NF4}(N_\text{base})}{N}
+            + [N > 1]\,\mathrm{bytes}_\mathrm{NF4}(N_\text{block})
+            + \frac{12\,N_L}{N} + \text{activations} .
+
+    The activations are one GPU's batch and do not shrink with :math:`N`.
+    Not modelled: FSDP2 may prefetch the next block (a second gathered block),
+    the gathered adapter gradients of one block before the reduce-scatter
+    (:math:`2 N_{L,\text{block}}` bytes), communication buffers and the
+    framework's own memory. With ``shards=1`` this is :func:`finetune_memory`'s
+    ``"qlora"`` table exactly.
+    """
+    shards = _count(shards, "shards")
+    n_lora = shape.lora_params(r)
+    one = finetune_memory(shape.n_params, "qlora", lora_params=n_lora, shape=shape,
+                          seq_len=seq_len, batch_size=batch_size,
+                          gradient_checkpointing=gradient_checkpointing)
+    block = quantized_nbytes(4 * shape.hidden_size ** 2
+                             + 3 * shape.hidden_size * shape.intermediate_size)
+    rows, details = [], []
+    for (term, nbytes), how in zip(one.rows, one.details):
+        if term != "activations":
+            nbytes, how = _ceil_div(nbytes, shards), (how if shards == 1 else f"1/{shards} of: {how}")
+        rows.append((term, nbytes))
+        details.append(how)
+        if term == "weights":
+            rows.append(("gathered block", block if shards > 1 else 0))
+            details.append("one decoder block's 4-bit weights, all-gathered" if shards > 1
+                           else "none: nothing is sharded")
+    return MemoryTable(method=f"{shards} GPU" + ("s" if shards > 1 else ""),
+                       n_params=one.n_params, lora_params=n_lora, rows=tuple(rows),
+                       details=tuple(details))
+
+
+def fsdp_memory_table(shape: DecoderShape, shards=(1, 2, 4, 8), **kwargs) -> MemoryComparison:
+    """:func:`fsdp_memory` for each shard count, side by side.
+
+    Examples
+    --------
+    >>> t = fsdp_memory_table(LLAMA_SHAPES["llama-65b"])
+    >>> t["1 GPU"].total_bytes == finetune_memory(
+    ...     LLAMA_SHAPES["llama-65b"].n_params, "qlora",
+    ...     lora_params=LLAMA_SHAPES["llama-65b"].lora_params(64)).total_bytes
+    True
+    >>> format_bytes(t["8 GPUs"]["weights"])
+    '4.21 GB'
+    """
+    return MemoryComparison(tables=tuple(fsdp_memory(shape, n, **kwargs) for n in shards))
+
+
+def shape_from_config(directory) -> DecoderShape:
+    """The :class:`DecoderShape` of a local Hugging Face model folder, read from its ``config.json``.
+
+    Reads ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+    ``num_attention_heads`` and ``vocab_size`` (GPT-2's ``n_embd``, ``n_layer``,
+    ``n_head``, ``n_inner`` or 4 ``n_embd`` too). Only the JSON is read.
+    """
+    import json
+    from pathlib import Path
+    path = Path(directory) / "config.json"
+    if path.is_symlink() or not path.is_file():
+        raise ValueError(f"{path}: not a regular file (--model wants a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    hidden = config.get("hidden_size", config.get("n_embd"))
+    fields = {"hidden_size": hidden,
+              "intermediate_size": config.get("intermediate_size",
+                                              config.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)),
+              "n_layers": config.get("num_hidden_layers", config.get("n_layer")),
+              "n_heads": config.get("num_attention_heads", config.get("n_head")),
+              "vocab_size": config.get("vocab_size")}
+    missing = [k for k, v in fields.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if missing:
+        raise ValueError(f"{path}: no integer {', '.join(missing)} (not a decoder config?)")
+    return DecoderShape(**fields)

@@ -6,7 +6,7 @@ Run it on a machine with an NVIDIA GPU, in the environment ``.ci/run`` installs
 
     python scripts/gpu_check.py --out runs/gpu_check
 
-It runs four parts, in this order, each in its own subprocess with its own
+It runs five parts, in this order, each in its own subprocess with its own
 time limit (a hang or a CUDA error in one part loses only that part), and
 writes everything under ``--out``:
 
@@ -23,6 +23,11 @@ writes everything under ``--out``:
 (d) ``d_llama_memory/``: a transformers Llama built from a config of about
     1B parameters (no download): one training step with 16-bit LoRA and with
     QLoRA, peak memory next to ``qlora-ref memory``'s prediction.
+(f) ``f_fsdp/``: FSDP2 at world size 1 with NCCL (``qlora_ref.distributed.shard_model``
+    on the Llama of (d)'s shape family): FSDP2's all-gather hooks run (a 4-bit
+    layer sees its whole codes inside its forward, its shard outside), and the
+    loss and adapter gradients equal the unsharded model's; then a DCP
+    checkpoint round trip. The dry run uses gloo on the CPU.
 
 ``summary.md`` (and ``summary.json``) states each target of the issue and
 whether it was met, with the measured numbers. Each part folder holds
@@ -621,6 +626,95 @@ def markdown_d(r: dict) -> str:
               "are float32, as in PEFT.\n")
 
 
+# ----------------------------------------------------------------------------- (f) FSDP2, world size 1
+
+def part_f(ctx: Context) -> dict:
+    """FSDP2 over one process: the all-gather hooks run, and the numbers equal the unsharded model's."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    from qlora_ref import prepare_model
+    from qlora_ref.distributed import load_checkpoint, save_checkpoint, shard_model
+    from qlora_ref.nn import Linear4bit
+
+    backend = "nccl" if ctx.device == "cuda" else "gloo"
+    store = ctx.out / "store"
+    store.unlink(missing_ok=True)
+    if ctx.device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        transformers.logging.set_verbosity_error()
+        llama = {**ctx.sizes.llama, "num_hidden_layers": 2}  # (d)'s widths, two blocks
+        torch.manual_seed(0)
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama))
+        torch.manual_seed(1)
+        model = prepare_model(base, r=ctx.sizes.r, lora_alpha=ctx.sizes.lora_alpha, init="gaussian")
+        for m in model.modules():  # B = 0 would leave A without a gradient
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B, std=0.02)
+        model = model.to(ctx.device)
+        reference = copy.deepcopy(model)
+        shard_model(model)
+        seen = []  # (inside forward: codes whole?) per 4-bit layer call
+
+        def pre_hook(module, args):  # on the LoRA layer: it reads its base's tensors directly
+            base = module.base_layer
+            seen.append(not hasattr(base.packed, "to_local")
+                        and base.packed.numel() * 2 == base.weight_numel)
+
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
+                   if isinstance(getattr(m, "base_layer", None), Linear4bit)]
+        batch, seq = ctx.sizes.llama_tokens
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, llama["vocab_size"], (batch, seq), generator=g).to(ctx.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for h in handles:
+            h.remove()
+        sharded_after = all(hasattr(m.packed, "to_local") for m in layers)
+        want = reference(input_ids=ids, labels=ids).loss
+        want.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+        grad_diff = max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        opt.step()
+        adapters = {n: p.full_tensor().clone() for n, p in model.named_parameters()
+                    if p.requires_grad}
+        save_checkpoint(model, opt, ctx.out / "dcp")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.zero_()
+        load_checkpoint(model, opt, ctx.out / "dcp")
+        round_trip = all(torch.equal(p.full_tensor(), adapters[n])
+                         for n, p in model.named_parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
+        store.unlink(missing_ok=True)
+    return {"backend": backend, "world_size": 1, "llama": llama, "tokens": [batch, seq],
+            "layers_4bit": len(layers), "forward_calls_seen": len(seen),
+            "hooks_ran": bool(seen) and all(seen) and sharded_after,
+            "loss_sharded": loss.item(), "loss_unsharded": want.item(),
+            "loss_equal": bool(torch.equal(loss.detach(), want.detach())),
+            "max_abs_grad_diff": grad_diff, "grads_equal": grad_diff == 0.0,
+            "dcp_round_trip_equal": round_trip}
+
+
+def markdown_f(r: dict) -> str:
+    rows = [(r["backend"], r["layers_4bit"], r["forward_calls_seen"], r["hooks_ran"],
+             f"{r['loss_sharded']:.6f}", f"{r['loss_unsharded']:.6f}", r["loss_equal"],
+             f"{r['max_abs_grad_diff']:.3g}", r["dcp_round_trip_equal"])]
+    return ("# (f) FSDP2 at world size 1\n\n"
+            + _table(("backend", "4-bit layers", "layer calls seen", "hooks ran", "loss sharded",
+                      "unsharded", "equal", "max |grad diff|", "DCP round trip"), rows) + "\n")
+
+
 # ----------------------------------------------------------------------------- parts, targets
 
 @dataclass(frozen=True)
@@ -633,7 +727,7 @@ class Part:
     markdown: object
 
 
-# The limits add up to 450 s, so the whole script ends inside 8 minutes on one H100-class
+# The limits add up to 510 s, so the whole script ends inside 9 minutes on one H100-class
 # GPU even if every part runs to its limit; expected there: about 3 minutes.
 PARTS = (
     Part("a", "a_cuda_tests", "CUDA-marked tests (bitsandbytes CUDA parity, torch layer, "
@@ -643,6 +737,8 @@ PARTS = (
     Part("c", "c_finetune", "qlora-ref finetune on the device", 120, part_c, markdown_c),
     Part("d", "d_llama_memory", "~1B Llama: 16-bit LoRA vs QLoRA memory vs qlora-ref memory",
          150, part_d, markdown_d),
+    Part("f", "f_fsdp", "FSDP2 at world size 1 (NCCL; gloo in the dry run): hooks run, loss "
+         "equals unsharded", 60, part_f, markdown_f),
 )
 PART_BY_KEY = {p.key: p for p in PARTS}
 
@@ -692,6 +788,13 @@ def _judge_memory(r):
                                 f"{_x(v['static_vs_prediction'])}){note}")
 
 
+def _judge_fsdp(r):
+    met = r["hooks_ran"] and r["loss_equal"] and r["dcp_round_trip_equal"]
+    return met, (f"hooks ran: {r['hooks_ran']}, loss {r['loss_sharded']:.6f} vs "
+                 f"{r['loss_unsharded']:.6f} (equal: {r['loss_equal']}), max |grad diff| "
+                 f"{r['max_abs_grad_diff']:.3g}, DCP round trip equal: {r['dcp_round_trip_equal']}")
+
+
 TARGETS = (
     Target("T1", "a", "zero differing bytes against bitsandbytes' CUDA kernels without double "
            "quantization (every blocksize, dtype, quant type)", _judge_parity("no_double_quant")),
@@ -703,6 +806,8 @@ TARGETS = (
            "LoRA's", _judge_peak),
     Target("T5", "d", "QLoRA's measured peak memory within 10% of qlora-ref memory's "
            "prediction for the same model", _judge_memory),
+    Target("T6", "f", "FSDP2 at world size 1 with NCCL: the all-gather hooks run, the loss "
+           "equals the unsharded model's, a DCP checkpoint round-trips", _judge_fsdp),
 )
 
 
@@ -881,8 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny sizes (256x256 layer, 2-step finetune, 2-layer Llama): checks "
                              "that every part runs, judges no target")
-    parser.add_argument("--parts", default="abcd",
-                        help="which parts to run, e.g. 'a,c' (default: all four); the summary "
+    parser.add_argument("--parts", default="".join(PART_BY_KEY),
+                        help="which parts to run, e.g. 'a,c' (default: all); the summary "
                              "keeps the other parts' results from an earlier run into --out")
     parser.add_argument("--timeout-scale", type=float, default=1.0,
                         help="multiply every part's time limit (default 1)")

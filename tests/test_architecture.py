@@ -2,8 +2,9 @@
 
 core (NumPy: codebooks, blockwise, packing, double_quant, fourbit, quant_state,
 validation, dtypes, backend, memory, _runtime) -> kernels (_kernels) -> torch
-layer (nn, optim, interop) -> training (train) -> the command line and the
-benchmark (cli). A module may import from its own floor and the floors below
+layer (nn, optim, interop; distributed, the FSDP2 sharding of that layer;
+models, the real pretrained models the package converts) ->
+training (train) -> the command line and the benchmark (cli). A module may import from its own floor and the floors below
 it, never above; the NumPy core imports neither torch nor bitsandbytes at
 module level. Every import statement counts, also those inside functions.
 """
@@ -20,9 +21,11 @@ CORE = ["codebooks", "blockwise", "packing", "double_quant", "fourbit", "quant_s
 
 #: floor -> the subpackages it must not import (the floors above it)
 FORBIDDEN = {
-    "core": ("qlora_ref.nn", "qlora_ref.optim", "qlora_ref.interop", "qlora_ref.train",
-             "qlora_ref.cli"),
-    "nn": ("qlora_ref.train", "qlora_ref.cli"),
+    "core": ("qlora_ref.nn", "qlora_ref.optim", "qlora_ref.interop", "qlora_ref.distributed",
+             "qlora_ref.models", "qlora_ref.train", "qlora_ref.cli"),
+    "nn": ("qlora_ref.distributed", "qlora_ref.train", "qlora_ref.cli"),
+    "distributed": ("qlora_ref.train", "qlora_ref.cli"),
+    "models": ("qlora_ref.train", "qlora_ref.cli"),
     "optim": ("qlora_ref.train", "qlora_ref.cli"),
     "interop": ("qlora_ref.train", "qlora_ref.cli"),
     "train": ("qlora_ref.cli",),

@@ -265,11 +265,43 @@ def test_crafted_pickles_in_files_the_project_reads_run_no_code(tmp_path, tiny, 
 
 
 def test_nothing_in_the_package_unpickles():
+    """No full unpickler anywhere: ``torch.load`` only with ``weights_only=True`` on the same line.
+
+    The one ``pickle.Unpickler`` in the package (DCP's index, ``distributed/checkpoint.py``) is
+    an allow-list, tested below against a payload that would run a command.
+    """
     package = Path(qlora_ref.__file__).parent
-    unsafe = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False")
+    unsafe = re.compile(r"pickle\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False")
     found = [f"{p.relative_to(package)}:{i}" for p in package.rglob("*.py")
-             for i, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if unsafe.search(line) or ("torch.load(" in line and "weights_only=True" not in line)]
     assert not found, f"code that can unpickle: {found}"
+    unpicklers = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                  if "pickle.Unpickler" in p.read_text()]
+    assert unpicklers == ["distributed/checkpoint.py"], unpicklers
+
+
+@pytest.mark.parametrize("module, name", [
+    ("torch.distributed.checkpoint.filesystem", "os.system"),    # a dotted name walks attributes
+    ("torch.distributed.checkpoint.filesystem", "os"),           # a module imported there
+    ("torch.distributed.checkpoint.state_dict_saver", "save"),   # a function of DCP's
+    ("os", "system"), ("builtins", "eval")])
+def test_the_dcp_index_reader_refuses_what_an_index_never_holds(tmp_path, module, name):
+    import io
+    import pickle
+
+    from qlora_ref.distributed.checkpoint import _MetadataUnpickler
+
+    marker = tmp_path / "ran"
+    # protocol 4: SHORT_BINUNICODE module, SHORT_BINUNICODE name, STACK_GLOBAL, an argument, REDUCE
+    def text(s):
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    payload = (b"\x80\x04" + text(module) + text(name) + b"\x93"
+               + text(f"touch {marker}") + b"\x85R.")
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        _MetadataUnpickler(io.BytesIO(payload)).load()
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- refusals, one line each

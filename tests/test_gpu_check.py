@@ -1,7 +1,7 @@
 """``scripts/gpu_check.py``: its CPU fall-back runs every part; it refuses CUDA it does not have.
 
 The GPU run itself needs a GPU (see the README, "On a GPU"); this keeps its
-code from rotting: ``--device cpu --dry-run`` runs all four parts with tiny
+code from rotting: ``--device cpu --dry-run`` runs every part with tiny
 sizes, and the target verdicts the GPU run will print are checked here on
 made-up numbers.
 """
@@ -26,6 +26,8 @@ RESULT_KEYS = {
                    "peak_memory_bytes"),
     "d_llama_memory": ("config", "tokens", "r", "lora_params_predicted", "variants",
                        "activations_in_prediction"),
+    "f_fsdp": ("backend", "world_size", "hooks_ran", "loss_sharded", "loss_unsharded",
+               "loss_equal", "max_abs_grad_diff", "dcp_round_trip_equal"),
 }
 
 
@@ -90,6 +92,12 @@ def test_dry_run_runs_every_part_and_writes_its_results(dry_run):
     stored = {name: v["base_bytes_as_stored"] for name, v in d["variants"].items()}
     assert stored["qlora"] < stored["lora16"], stored
 
+    # FSDP2 over one process (gloo here): the gathers ran, and nothing else changed a byte
+    f = json.loads((out / "f_fsdp" / "result.json").read_text())
+    assert f["backend"] == "gloo" and f["forward_calls_seen"] > 0
+    assert f["hooks_ran"] and f["loss_equal"] and f["grads_equal"], f
+    assert f["dcp_round_trip_equal"]
+
 
 @pytest.mark.slow
 def test_dry_run_summary_states_every_target(dry_run):
@@ -132,7 +140,8 @@ def test_cpu_without_dry_run_is_refused_before_anything_runs(tmp_path):
 
 # -- the verdicts of a GPU run, on made-up numbers ---------------------------------------------
 
-def gpu_results(parity_failed=0, time_ratio=1.1, peak_ratio=0.9, memory_ratio=1.05):
+def gpu_results(parity_failed=0, time_ratio=1.1, peak_ratio=0.9, memory_ratio=1.05,
+                fsdp_loss_equal=True):
     """Results shaped as the parts write them on a GPU, with the numbers the verdicts read."""
     def counts(failed):
         return {"passed": 48 - failed, "failed": failed, "error": 0, "skipped": 0}
@@ -152,6 +161,9 @@ def gpu_results(parity_failed=0, time_ratio=1.1, peak_ratio=0.9, memory_ratio=1.
                                      "static_vs_prediction": 0.9,
                                      "prediction": {"total_bytes": predicted},
                                      "measured": {"peak_bytes": predicted * memory_ratio}}}},
+        "f": {"status": "ok", "hooks_ran": True, "loss_equal": fsdp_loss_equal,
+              "loss_sharded": 2.5, "loss_unsharded": 2.5 if fsdp_loss_equal else 2.501,
+              "max_abs_grad_diff": 0.0, "dcp_round_trip_equal": True},
     }
 
 
@@ -171,6 +183,7 @@ def test_each_target_can_fail_on_its_own():
     assert verdicts(gpu_results(memory_ratio=1.11))["T5"] == "NOT met"
     assert verdicts(gpu_results(memory_ratio=0.89))["T5"] == "NOT met"
     assert verdicts(gpu_results(memory_ratio=1.11))["T1"] == "met"
+    assert verdicts(gpu_results(fsdp_loss_equal=False))["T6"] == "NOT met"
 
 
 def test_a_part_that_did_not_finish_leaves_its_targets_unmeasured():
@@ -180,6 +193,7 @@ def test_a_part_that_did_not_finish_leaves_its_targets_unmeasured():
     got = verdicts(results)
     assert got["T1"] == got["T2"] == "met"
     assert got["T3"] == got["T4"] == got["T5"] == "not measured"
+    assert got["T6"] == "met"
 
 
 def test_parity_counts_split_by_double_quant_and_read_junit(tmp_path):

@@ -21,6 +21,11 @@ def add_arguments(parser):
                         help="sequences per step, for the activations (default 1)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="keep only each layer's input and recompute the rest in backward")
+    parser.add_argument("--shards", type=int, nargs="*", metavar="N",
+                        help="per-GPU memory under FSDP2 for these GPU counts (no value: "
+                             "1 2 4 8); needs --preset or --model")
+    parser.add_argument("--model", metavar="DIR",
+                        help="a local Hugging Face model folder: its config.json gives the shapes")
     return parser
 
 
@@ -40,7 +45,21 @@ def _parse_count(text: str) -> int:
 def run(args) -> int:
     from .. import memory
 
-    shape = memory.LLAMA_SHAPES[args.preset] if args.preset else None
+    if getattr(args, "model", None) and args.preset:
+        raise ValueError("give --preset or --model, not both")
+    shape = (memory.shape_from_config(args.model) if getattr(args, "model", None)
+             else memory.LLAMA_SHAPES[args.preset] if args.preset else None)
+    if getattr(args, "shards", None) is not None:
+        if shape is None:
+            raise ValueError("--shards needs --preset or --model: the gathered block depends "
+                             "on the model's shapes")
+        shards = args.shards or [1, 2, 4, 8]
+        if any(n < 1 for n in shards):
+            raise ValueError(f"--shards: GPU counts must be at least 1, got {shards}")
+        print(memory.fsdp_memory_table(shape, shards, r=args.r, seq_len=args.seq_len,
+                                       batch_size=args.batch_size,
+                                       gradient_checkpointing=args.gradient_checkpointing))
+        return 0
     if args.n_params is None and shape is None:
         raise ValueError("give the parameter count N (e.g. 65e9) or a --preset")
     if args.seq_len is not None and shape is None:

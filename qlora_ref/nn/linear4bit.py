@@ -117,6 +117,31 @@ class Linear4bit(QuantizedLinear):
             for name in ("nested_absmax", "nested_code", "offset"):
                 self.register_buffer(name, None)
 
+    # -- sharding (FSDP2) -------------------------------------------------------------
+    #: The tensors that grow with the weight: sharded by FSDP2 once held as parameters.
+    #: The code tables and the scalar offset stay (replicated) buffers: 1,092 bytes a layer.
+    SHARDABLE = ("packed", "absmax", "nested_absmax")
+
+    def hold_as_parameters(self) -> "Linear4bit":
+        """Hold the codes and constants as frozen ``nn.Parameter`` s instead of buffers (in place).
+
+        FSDP2 (``torch.distributed.fsdp.fully_shard``) shards a module's
+        parameters and leaves its buffers whole on every rank, so this is what
+        lets it split the 4-bit base: each rank keeps ``1/N`` of ``packed``,
+        ``absmax`` and ``nested_absmax`` and all-gathers the *bytes* (uint8, or
+        the float32 constants) before the forward and the backward. The layer
+        reads them by the same attribute names, so it computes the same bytes;
+        its ``state_dict`` keys and values do not change (they are built from
+        the tensors, not from the registry). ``requires_grad`` stays False:
+        the base is frozen and FSDP2 reduces no gradient for it.
+        """
+        for name in self.SHARDABLE:
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                del self._buffers[name]
+                self.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+        return self
+
     # -- construction -------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear, quant_type: str = "nf4", blocksize: int = 64,
@@ -210,14 +235,18 @@ class Linear4bit(QuantizedLinear):
     # -- the quantized weight -----------------------------------------------------
     def quant_tensors(self) -> dict:
         """The buffers and metadata as the dict :func:`~qlora_ref.nn.dequantize_4bit_torch` reads."""
-        return {"packed": self.packed, "absmax": self.absmax, "code": self.code,
-                "nested_absmax": self.nested_absmax, "nested_code": self.nested_code,
-                "offset": self.offset, **self._metadata()}
+        tensors = {name: getattr(self, name) for name in ("packed", "absmax", "code",
+                                                          "nested_absmax", "nested_code",
+                                                          "offset")}
+        for name in self.SHARDABLE:  # held by FSDP2: copies, see _as_numpy (note)
+            if name in self._parameters and tensors[name] is not None:
+                tensors[name] = tensors[name].detach().clone()
+        return {**tensors, **self._metadata()}
 
     def quant_state(self) -> QuantState:
         """A NumPy :class:`~qlora_ref.QuantState` copy of the stored weight."""
         t = self.quant_tensors()
-        arrays = {k: (None if v is None else v.detach().cpu().numpy().copy())
+        arrays = {k: (None if v is None else v.detach().cpu().clone().numpy())
                   for k, v in t.items() if isinstance(v, torch.Tensor) or v is None}
         offset = arrays.pop("offset")
         meta = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor) and v is not None}
@@ -286,7 +315,7 @@ class Linear4bit(QuantizedLinear):
         self._validate_if_changed()
         x32 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()  # (rows, in)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)             # (rows, out)
-        kernels().gemv_4bit(self.packed.numpy(), self._absmax_float32(), self.code.numpy(),
+        kernels().gemv_4bit(self._as_numpy("packed"), self._absmax_float32(), self.code.numpy(),
                             self.blocksize, x32.numpy(), y.numpy(),
                             default_num_threads(self.weight_numel))
         if bias is not None:
@@ -305,10 +334,24 @@ class Linear4bit(QuantizedLinear):
 
     def _numpy_views(self) -> SimpleNamespace:
         """The CPU buffers as zero-copy NumPy arrays, under :class:`~qlora_ref.QuantState`'s names."""
-        views = {name: None if getattr(self, name) is None else getattr(self, name).numpy()
+        views = {name: self._as_numpy(name)
                  for name in ("packed", "absmax", "code", "nested_absmax", "nested_code")}
         return SimpleNamespace(**views, blocksize=self.blocksize, nested_blocksize=NESTED_BLOCKSIZE,
                                offset=None if self.offset is None else float(self.offset))
+
+    def _as_numpy(self, name: str) -> np.ndarray | None:
+        """A CPU tensor of the layer as a NumPy array: a zero-copy view of a buffer, a copy of a parameter.
+
+        Note (FSDP2): a layer sharded by FSDP2 holds these tensors as parameters
+        (:meth:`hold_as_parameters`), and FSDP2 frees the gathered copy after
+        use by resizing its storage to 0. A NumPy view pins a storage (torch
+        then refuses the resize), so the kernels read a copy of those bytes
+        (half a byte per weight, beside the 4 bytes per weight they write).
+        """
+        t = getattr(self, name)
+        if t is None:
+            return None
+        return t.detach().clone().numpy() if name in self._parameters else t.numpy()
 
     def _validate_if_changed(self) -> None:
         buffers = (self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code,

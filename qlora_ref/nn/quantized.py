@@ -230,13 +230,18 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # see the module note (dtype casts): constants keep their dtype, follow the device
-        constants = {name: b for name, b in self._buffers.items()
-                     if b is not None and b.is_floating_point()}
+        # (a 4-bit layer prepared for FSDP2 holds its constants as frozen parameters)
+        # (detach: a parameter is converted in place, ``param.data = ...``; this keeps the old data)
+        constants = {(registry, name): t.detach() for registry in ("_buffers", "_parameters")
+                     for name, t in getattr(self, registry).items()
+                     if t is not None and t.is_floating_point() and name != "bias"}
         super()._apply(fn, recurse)
-        for name, before in constants.items():
-            after = self._buffers[name]
+        for (registry, name), before in constants.items():
+            after = getattr(self, registry)[name]
             if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
+                kept = before.to(after.device)
+                getattr(self, registry)[name] = (kept if registry == "_buffers" else
+                                                 nn.Parameter(kept, requires_grad=False))
         return self
 
     def extra_repr(self) -> str:

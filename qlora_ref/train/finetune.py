@@ -108,7 +108,7 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     fsdp : bool
         Under ``torchrun``: shard the model with FSDP2 instead of replicating
         it with DistributedDataParallel (``config.optim`` must be ``"adamw"``);
-        checkpoints are DCP folders (:mod:`qlora_ref.distributed.training`),
+        checkpoints are DCP folders (:mod:`qlora_ref.train.sharded_checkpoint`),
         evaluation runs on every rank, the adapter is written by rank 0. The
         returned ``model`` stays sharded.
 

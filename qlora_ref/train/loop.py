@@ -23,7 +23,7 @@ DistributedDataParallel averages the gradients; with ``fsdp`` the model is
 sharded with FSDP2 instead (:func:`qlora_ref.distributed.shard_model`: each
 rank keeps ``1/N`` of the 4-bit base and of the adapters), trained with
 ``torch.optim.AdamW``, and checkpointed with DCP
-(:mod:`qlora_ref.distributed.training`).
+(:mod:`qlora_ref.train.sharded_checkpoint`).
 
 The examples are read in a new order each epoch, a function of the seed and
 the epoch only (:func:`batch_indices`), so a checkpoint's data position is
@@ -303,7 +303,7 @@ def _clear_checkpoints(root: Path) -> None:
             entry.unlink()
         elif entry.is_dir() and not entry.is_symlink() and re.match(r"step-\d+$|\.(tmp|old)-", entry.name):
             shutil.rmtree(entry)
-    from ..distributed.training import clear_staging
+    from .sharded_checkpoint import clear_staging
 
     clear_staging(root)  # a killed --fsdp save's DCP staging folder
 
@@ -458,7 +458,7 @@ class _Saver:
             raise TrainingDiverged(f"the weights are not finite at step {state.steps}; stopped "
                                    f"without saving. {self.last_good()}")
         if self.fsdp:
-            from ..distributed.training import save_sharded_checkpoint
+            from .sharded_checkpoint import save_sharded_checkpoint
 
             fingerprints = {key: sha for key, (sha, _) in self.trainee.fingerprints.items()}
             save_sharded_checkpoint(
@@ -579,7 +579,7 @@ def train(trainee: Trainee, config: FinetuneConfig, device, out: Optional[Path] 
     if resumed is not None:
         folder, saved, tensors = resumed
         if fsdp:
-            from ..distributed.training import restore_sharded_checkpoint
+            from .sharded_checkpoint import restore_sharded_checkpoint
 
             restore_sharded_checkpoint(folder, saved, tensors, model, optimizer, rank)
         else:
