@@ -67,8 +67,18 @@ def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
     ``packed`` must hold exactly ``ceil(n / 2)`` bytes (else ``ValueError``,
     as in the Cython twin); a shorter one used to give fewer than ``n`` codes.
     """
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    n = operator.index(n)
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8:  # [300] would overflow a cast; floats would be truncated
+        if packed.size == 0 and packed.dtype.kind in "iuf":
+            pass  # [] is float64 to NumPy, and no bytes at all
+        elif packed.dtype.kind not in "iu" or not (0 <= packed.min() and packed.max() <= 255):
+            raise ValueError(f"packed must be bytes (uint8, or integers 0..255); got "
+                             f"{packed.size} value(s) of {packed.dtype}")
+        packed = packed.astype(np.uint8)
+    packed = packed.reshape(-1)
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"n must be a non-negative integer; got {n!r}")
+    n = int(n)
     if n < 0 or packed.size != (n + 1) // 2:
         raise ValueError(f"packed has length {packed.size}; expected ceil(n / 2) = "
                          f"ceil({n} / 2) = {(n + 1) // 2} bytes, two 4-bit codes per byte")

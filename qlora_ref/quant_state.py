@@ -27,6 +27,7 @@ import dataclasses
 import math
 import os
 import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -205,10 +206,24 @@ class QuantState:
             offset = np.asarray(self.offset)
             if offset.size != 1 or offset.dtype.kind not in "fiu":
                 raise ValueError(f"QuantState.offset must be one real number, got {self.offset!r}")
-            if not np.isfinite(offset).all():
-                raise ValueError(f"QuantState.offset must be finite, got {self.offset!r}")
+            with np.errstate(over="ignore"):  # the kernels read it as float32: 1e39 is inf there
+                offset32 = offset.astype(np.float32).reshape(())
+            if not np.isfinite(offset32):
+                raise ValueError(f"QuantState.offset must be finite in float32, got {self.offset!r}")
             _check_values("nested_absmax", self.nested_absmax, low=0.0)
             _check_values("nested_code", self.nested_code, high=1.0)
+            # a block's constant is nested_code[c] * nested_absmax[j] + offset in float32: finite
+            # factors can still overflow in the sum, so compute them (O(n_blocks), as the kernel)
+            from .double_quant import double_dequantize
+
+            with np.errstate(over="ignore"):
+                constants = double_dequantize(self.absmax, self.nested_absmax, offset32,
+                                              int(self.nested_blocksize), self.nested_code)
+            if not np.isfinite(constants).all():
+                raise ValueError(f"QuantState: {int(np.count_nonzero(~np.isfinite(constants)))} block "
+                                 f"constant(s) overflow float32 (nested_absmax up to "
+                                 f"{float(self.nested_absmax.max()):.4g}, offset {float(offset32):.4g});"
+                                 " they would dequantize to infinity")
         else:
             _check_values("absmax", self.absmax, low=0.0)
 
@@ -251,7 +266,8 @@ class QuantState:
             offset = np.asarray(kwargs["offset"])
             if offset.size != 1 or offset.dtype.kind not in "fiu":
                 raise ValueError(f"QuantState.offset must be one real number, got {kwargs['offset']!r}")
-            kwargs["offset"] = np.float32(offset.reshape(()))
+            with np.errstate(over="ignore"):  # an overflow becomes inf, which validate() names
+                kwargs["offset"] = np.float32(offset.reshape(()))
         return cls(**kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -325,14 +341,27 @@ class QuantState:
 
 # ----------------------------------------------------------------------------- reading .npz
 
+#: What reading a crafted zip member raises besides ``ValueError``: a corrupt deflate
+#: stream (``zlib.error``), the encrypted flag (``RuntimeError``), an unknown method
+#: (``NotImplementedError``), a bad CRC (``BadZipFile``), a short member (``EOFError``).
+_ZIP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, zlib.error,
+               RuntimeError, NotImplementedError)
+
+
 def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int):
     """``(shape, dtype, data offset)`` from a member's ``.npy`` header, checked against the zip entry."""
     from numpy.lib import format as npy
 
     where = f"{path}: member {info.filename!r}"
-    if info.compress_size > file_size:
+    if info.file_size > file_size or info.compress_size > file_size:
+        # the uncompressed size, as promised: a 220 KB deflate bomb claimed 225 MB
         raise ValueError(f"{where} claims {info.file_size} bytes ({info.compress_size} compressed), "
-                         f"more than the {file_size}-byte file can hold")
+                         f"more than the {file_size}-byte file holds (a QuantState file is written "
+                         "uncompressed)")
+    if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"{where} is {'encrypted' if info.flag_bits & 0x1 else 'compressed with method '}"
+                         f"{'' if info.flag_bits & 0x1 else info.compress_type}; a QuantState file "
+                         "is stored (np.savez) or deflated")
     try:
         with archive.open(info) as f:
             version = npy.read_magic(f)
@@ -343,7 +372,7 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
             data_start = f.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError) as exc:
+    except _ZIP_ERRORS as exc:
         raise ValueError(f"{where} is not a readable .npy array: {exc}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"{where} claims a negative shape {shape}")
@@ -361,9 +390,12 @@ def _read_member(archive, info, header) -> np.ndarray:
     """The array of one member whose header :func:`_npy_header` checked (bounded read)."""
     shape, dtype, data_start = header
     nbytes = math.prod(shape) * dtype.itemsize
-    with archive.open(info) as f:
-        f.read(data_start)
-        data = f.read(nbytes)
+    try:
+        with archive.open(info) as f:
+            f.read(data_start)
+            data = f.read(nbytes)
+    except _ZIP_ERRORS as exc:  # a corrupt deflate stream is a zlib.error
+        raise ValueError(f"member {info.filename!r} is not readable: {exc}") from None
     if len(data) != nbytes:
         raise ValueError(f"member {info.filename!r} is truncated: {len(data)} of {nbytes} bytes")
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()

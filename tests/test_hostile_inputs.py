@@ -213,6 +213,15 @@ def test_a_member_claiming_3_gib_is_refused_before_any_allocation(tmp_path):
     path = write_npz(tmp_path / "bomb.npz", small_state(), {"packed": lying}, zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 100_000
     error, peak = peak_allocation(lambda: QuantState.load(path))
+    # refused by its uncompressed size (3 MB in a 100 KB file) before its header is read
+    assert "'packed.npy' claims 3145856 bytes" in str(error)
+    assert peak < 1 << 20, f"peak allocation {peak} bytes, bound 1 MiB"
+
+
+def test_a_header_claiming_3_gib_over_a_small_body_is_refused_before_any_allocation(tmp_path):
+    lying = npy_bytes(header_shape=(3 << 30,), body=bytes(1024))
+    path = write_npz(tmp_path / "liar.npz", small_state(), {"packed": lying}, zipfile.ZIP_DEFLATED)
+    error, peak = peak_allocation(lambda: QuantState.load(path))
     assert "'packed.npy' claims shape (3221225472,)" in str(error)
     assert peak < 1 << 20, f"peak allocation {peak} bytes, bound 1 MiB"
 
@@ -220,7 +229,8 @@ def test_a_member_claiming_3_gib_is_refused_before_any_allocation(tmp_path):
 def test_a_consistent_member_that_disagrees_with_the_metadata_is_not_read(tmp_path):
     # header and zip entry agree on 4 MiB, but shape (8, 64) needs 256 packed bytes
     big = npy_bytes(header_shape=(4 << 20,), body=bytes(4 << 20))
-    path = write_npz(tmp_path / "big.npz", small_state(), {"packed": big}, zipfile.ZIP_DEFLATED)
+    # stored, not deflated: a deflated 4 MiB in a 7 kB file is refused earlier, by its size
+    path = write_npz(tmp_path / "big.npz", small_state(), {"packed": big}, zipfile.ZIP_STORED)
     error, peak = peak_allocation(lambda: QuantState.load(path))
     assert "member 'packed' claims shape (4194304,)" in str(error) and "needs (256,)" in str(error)
     assert peak < 1 << 20, f"peak allocation {peak} bytes, bound 1 MiB"
@@ -519,7 +529,13 @@ def test_prepare_model_refuses_a_regex_that_would_backtrack_for_minutes():
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_allocation(capsys):
-    code = main(["finetune", "--batch-size", "100000000", "--max-steps", "1", "--quiet"])
+    # 5000 is under the batch-size bound (65,536) but over the 3000-example training set
+    code = main(["finetune", "--batch-size", "5000", "--max-steps", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "per_device_train_batch_size 100000000 is larger than the training set" in err[0]
+    assert "per_device_train_batch_size 5000 is larger than the training set" in err[0]
+    # far over the bound: refused by the bound itself, before the comparison
+    code = main(["finetune", "--batch-size", "100000000", "--max-steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "per_device_train_batch_size" in err[0] \
+        and "65,536" in err[0], err

@@ -101,6 +101,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from .. import packing
 from ..backend import cython_available, default_num_threads, kernels
+from ..validation import MAX_THREADS, check_int_range, check_matrix_side, check_num_threads
 from ..fourbit import dequantize_4bit, quantize_4bit
 
 __all__ = ["run_benchmarks", "qlora_layer_step_time", "contention_table", "add_arguments", "main",
@@ -373,10 +374,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     parts = str(text).lower().replace("*", "x").split("x")
     if len(parts) == 1:
         parts = parts * 2
-    rows, cols = (int(p) for p in parts)
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"--size wants positive sides, got {text!r}")
-    return rows, cols
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--size wants N or RxC with integer sides, got {text!r}") from None
+    return check_matrix_side(rows, cols)
+
+
+def _check_options(threads, repeat, warmup) -> None:
+    """One ``ValueError`` for a bad thread count or run count, before any child is started."""
+    if threads is not None:
+        check_num_threads(threads)
+    check_int_range(repeat, "repeat", 1, 10_000)  # 0 timed runs would print a table of nan
+    check_int_range(warmup, "warmup", 0, 10_000)
 
 
 def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None, repeat: int = 7,
@@ -412,6 +422,7 @@ def run_benchmarks(sizes=((4096, 4096), (256, 256)), threads: int | None = None,
         ``{"machine": {...}, "sizes": {"RxC": {operation: {row: {"seconds", "melem_s", ...}}}},
         "layer": {...}, "settings": {..., "heap_reuse": bool, "pid": measuring process}}``.
     """
+    _check_options(threads, repeat, warmup)
     file = file or sys.stdout
     if not fresh_pages:
         return _run_in_child(sizes, threads, repeat, warmup, seed, layer, fmt, file)
@@ -949,6 +960,7 @@ def main(args=None) -> int:
         parser.add_argument("--report-json", help=argparse.SUPPRESS)  # the measuring child
         args = parser.parse_args(args)
     if args.contention is not None:
+        check_int_range(args.contention, "--contention (busy processes)", 0, MAX_THREADS)
         contention_table(busy=args.contention, fmt=args.format)
         return 0
     if args.generate:
@@ -957,6 +969,7 @@ def main(args=None) -> int:
         generate_table(fmt=args.format, repeat=3 if args.quick else max(args.repeat, 5),
                        size=1024 if args.quick else 4096)
         return 0
+    _check_options(args.threads, args.repeat, args.warmup)
     sizes = [_parse_size(s) for s in args.size or (["1024", "256"] if args.quick else ["4096", "256"])]
     repeat = 3 if args.quick else args.repeat
     options = dict(sizes=sizes, threads=args.threads, repeat=repeat, warmup=args.warmup,

@@ -16,13 +16,14 @@ def add_arguments(parser):
 def run(args) -> int:
     from .. import active_backend, cython_available, dequantize_4bit, nf4_code, quantize_4bit
     from ..codebooks import normal_float_code
+    from ..validation import check_matrix_side
 
+    n = check_matrix_side(args.size, args.size)[0]  # 300000 would ask for 360 GB
     print("NF4 codebook (paper section 3; equal to bitsandbytes' table):")
     exact = normal_float_code(4, float32_steps=False)
     for i, (v, v64) in enumerate(zip(nf4_code(), exact)):
         print(f"  {i:2d}  0b{i:04b}  {v: .8f}   (float64 derivation {v64: .8f})")
     rng = np.random.default_rng(args.seed)
-    n = args.size
     w = rng.standard_normal((n, n), dtype=np.float32) * np.float32(0.02)
     backend = active_backend()
     status = ("built and in use" if backend == "cython"

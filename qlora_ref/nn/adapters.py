@@ -54,7 +54,6 @@ keys are matched with a bounded cost (:func:`pattern_matcher`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -69,6 +68,7 @@ from ..dtypes import FLOAT_DTYPES
 from .._atomic import (atomic_directory, complete_directory, is_marker_part, is_temporary_directory,
                        recover_directory, refuse_symlink, write_atomic)
 from .lora import LoRALinear, lora_scaling
+from ..validation import MAX_LORA_ALPHA, MAX_LORA_RANK, check_lora_alpha, check_lora_rank, check_real
 from .model import prepare_model, replace_module
 from .quantized import QuantizedLinear
 
@@ -371,16 +371,42 @@ def _read(directory: Path) -> tuple[dict, dict]:
         if match is None:
             raise ValueError(f"{directory}: unexpected tensor {key!r}; expected only "
                              "'base_model.model.<module path>.lora_A.weight' / '.lora_B.weight'")
+        if not tensor.is_floating_point():  # decided: refused, not cast (an int32 B is no adapter)
+            raise ValueError(f"{directory}: tensor {key!r} is {str(tensor.dtype).replace('torch.', '')}"
+                             "; LoRA weights must be floating-point")
         weights.setdefault(match["path"] or "", {})[match["which"]] = tensor
     return config, weights
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        check_real(value, "value")  # a 401-digit integer overflows math.isfinite
+    except ValueError:
+        return False
+    return True
+
+
+def _is_alpha(value) -> bool:
+    try:
+        check_lora_alpha(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """A rank: an int in 1..MAX_LORA_RANK (``10**400`` would be a positive int too)."""
+    try:
+        check_lora_rank(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to 40 characters (a 401-digit number is not printed whole)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_config(path: Path) -> dict:
@@ -396,8 +422,8 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} must hold a JSON object, got a {type(config).__name__}")
     checks = {
         "peft_type": (lambda v: isinstance(v, str), "a string"),
-        "r": (_is_positive_int, "a positive integer"),
-        "lora_alpha": (_is_number, "a finite number"),
+        "r": (_is_positive_int, f"a positive integer, at most {MAX_LORA_RANK}"),
+        "lora_alpha": (_is_alpha, f"a finite number within +-{MAX_LORA_ALPHA:g}"),
         "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
         "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object (or null)"),
@@ -405,12 +431,12 @@ def _read_config(path: Path) -> dict:
     }
     for key, (ok, what) in checks.items():
         if key in config and not ok(config[key]):
-            raise ValueError(f"{path}: {key} must be {what}, got {config[key]!r}")
-    for field, ok, what in (("rank_pattern", _is_positive_int, "a positive integer"),
-                            ("alpha_pattern", _is_number, "a finite number")):
+            raise ValueError(f"{path}: {key} must be {what}, got {_short(config[key])}")
+    for field, ok, what in (("rank_pattern", _is_positive_int, f"a positive integer, at most {MAX_LORA_RANK}"),
+                            ("alpha_pattern", _is_alpha, f"a finite number within +-{MAX_LORA_ALPHA:g}")):
         for key, value in (config.get(field) or {}).items():
             if not ok(value):
-                raise ValueError(f"{path}: {field}[{key!r}] must be {what}, got {value!r}")
+                raise ValueError(f"{path}: {field}[{key!r}] must be {what}, got {_short(value)}")
     return config
 
 
@@ -527,6 +553,24 @@ def _pattern_value(matchers: list, name: str, default):
     return default
 
 
+def _check_ranks(directory: Path, weights: dict, rank_pattern: list, default_r: int) -> None:
+    """Each layer's rank from the config (``r`` or ``rank_pattern``) against its saved tensors.
+
+    The tensors already give the rank (``lora_A``: ``(r, in)``, ``lora_B``:
+    ``(out, r)``); comparing first means a 1 kB config claiming ``r: 100000``
+    is refused before layers of that rank are allocated (3.9 GB).
+    """
+    for name, pair in sorted(weights.items()):
+        r = _pattern_value(rank_pattern, name, default_r)
+        for which, axis in (("A", 0), ("B", 1)):
+            tensor = pair.get(which)
+            if tensor is None:
+                raise ValueError(f"{directory}: layer '{name}' has no lora_{which} tensor")
+            if tensor.ndim != 2 or tensor.shape[axis] != r:
+                raise ValueError(f"{directory}: layer '{name}': saved lora_{which} has shape "
+                                 f"{tuple(tensor.shape)}, but the config gives it rank r={r}")
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True,
                  **prepare_kwargs) -> nn.Module:
     """Load a PEFT LoRA adapter (saved by :func:`save_adapter` or by PEFT) into ``model``.
@@ -576,6 +620,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     rank_pattern, alpha_pattern = patterns["rank_pattern"], patterns["alpha_pattern"]
     dropout = float(config.get("lora_dropout", 0.0))
 
+    _check_ranks(directory, weights, rank_pattern, default_r)  # before any layer is allocated
     if not _lora_layers(model):
         record = read_base_record(directory / WEIGHTS_NAME)
         model = prepare_model(model, r=default_r, lora_alpha=default_alpha, lora_dropout=dropout,

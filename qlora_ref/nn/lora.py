@@ -31,6 +31,7 @@ bookkeeping: one adapter per layer.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -41,6 +42,7 @@ from .autograd import QLoRAMatmul, qlora_inference, dense_weight, dropout_mask, 
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 from .quantized import QuantizedLinear, check_linear_input
+from ..validation import check_lora_alpha, check_lora_rank
 
 __all__ = ["INITS", "QUANT_BITS", "lora_scaling", "delta_weight", "low_rank_factors",
            "freeze_base", "LoRALinear"]
@@ -180,9 +182,13 @@ class LoRALinear(nn.Module):
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.name = getattr(base_layer, "name", "")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{self._shape()}: r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
+        try:
+            check_lora_rank(r)
+            check_lora_alpha(lora_alpha)
+        except ValueError as exc:
+            raise ValueError(f"{self._shape()}: {exc}") from None
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+                or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"{self._shape()}: lora_dropout must be in [0, 1), "
                              f"got {lora_dropout!r}")
         self.base_layer = base_layer.requires_grad_(False)

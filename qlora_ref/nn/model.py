@@ -62,6 +62,7 @@ from .autograd import dense_weight, is_conv1d
 from .linear4bit import Linear4bit
 from .lora import INITS, QUANT_BITS, LoRALinear
 from .quantized import QuantizedLinear
+from ..validation import check_lora_alpha, check_lora_rank
 
 __all__ = ["prepare_model", "trainable_parameters", "find_target_modules", "ParameterCount"]
 
@@ -193,8 +194,10 @@ def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dro
         raise ValueError("quant_bits=4 needs a quant_type ('nf4', 'fp4' or 'int4')")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_lora_rank(r)
+    check_lora_alpha(lora_alpha)  # NaN would make every output NaN; 1e308 garbage
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRALinear layers; prepare it only once")
     config = {}

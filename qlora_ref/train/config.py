@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..validation import check_config_bounds
 from . import tasks
 
 __all__ = ["FinetuneConfig", "HFFinetuneConfig", "load_config", "field_types", "FIELD_TYPES",
@@ -197,7 +198,7 @@ def _check_ranges(c: FinetuneConfig) -> None:
         if getattr(c, name) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
     for name in ("learning_rate", "lora_alpha", "lora_dropout", "weight_decay", "num_train_epochs"):
-        if not math.isfinite(getattr(c, name)):
+        if not _finite(getattr(c, name)):
             raise ValueError(f"{name} must be a finite number, got {getattr(c, name)!r}")
     if not c.learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {c.learning_rate!r}")
@@ -205,7 +206,7 @@ def _check_ranges(c: FinetuneConfig) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}")
     if c.weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {c.weight_decay!r}")
-    if c.max_grad_norm is not None and not (math.isfinite(c.max_grad_norm) and c.max_grad_norm >= 0):
+    if c.max_grad_norm is not None and not (_finite(c.max_grad_norm) and c.max_grad_norm >= 0):
         raise ValueError(f"max_grad_norm must be a finite number >= 0 (or None), "
                          f"got {c.max_grad_norm!r}")
     if c.max_steps <= 0 and c.max_steps != -1:
@@ -224,6 +225,15 @@ def _check_ranges(c: FinetuneConfig) -> None:
                           ("bnb_4bit_compute_dtype", (None, "float32", "float16", "bfloat16"))):
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(c, name)!r}")
+    check_config_bounds(c)  # upper bounds: sizes before anything is allocated, huge numbers
+
+
+def _finite(value) -> bool:
+    """``math.isfinite`` that says False for an integer too large for a float (a 401-digit one)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ----------------------------------------------------------------------------- the JSON file

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validation import check_int_range, check_real
+
 __all__ = ["GPTConfig", "GPT"]
 
 
@@ -59,10 +61,33 @@ class GPTConfig:
     bias: bool = False
 
     def __post_init__(self):
+        # every field checked before any use: n_head=0 was a ZeroDivisionError, and a config
+        # read from a file must not ask for more memory than a tiny GPT can need
+        for name, high in (("vocab_size", MAX_VOCAB), ("block_size", MAX_BLOCK), ("n_layer", 256),
+                           ("n_head", 4096), ("n_embd", 2 ** 16)):
+            check_int_range(getattr(self, name), f"GPTConfig.{name}", 1, high)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
             )
+        check_real(self.dropout, "GPTConfig.dropout", 0.0, 0.999)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
+        n, c = self.n_parameters_estimate(), self.n_embd
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"GPTConfig asks for about {n:,} parameters (vocab {self.vocab_size}, "
+                             f"{self.n_layer} layers of width {c}); at most {MAX_PARAMETERS:,}")
+
+    def n_parameters_estimate(self) -> int:
+        """About how many parameters the model has: embeddings plus 12 C^2 a layer."""
+        c = self.n_embd
+        return (self.vocab_size + self.block_size) * c + self.n_layer * 12 * c * c
+
+
+#: Bounds of a GPTConfig (a config read from a file is checked before anything is allocated).
+MAX_VOCAB = 2 ** 20
+MAX_BLOCK = 2 ** 16
+MAX_PARAMETERS = 2 ** 30  # 4 GiB of float32
 
 
 class CausalSelfAttention(nn.Module):

@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from ..validation import check_text
+
 __all__ = ["Example", "read_examples", "INSTRUCTION_TEMPLATE", "INSTRUCTION_TEMPLATE_NO_INPUT",
            "LAYOUTS"]
 
@@ -59,6 +61,14 @@ def _layout(record: dict) -> str | None:
     return None
 
 
+def _shown(value) -> str:
+    """The start of ``value`` as JSON, safe for any parsed value (huge ints, deep nesting)."""
+    try:
+        return json.dumps(value)[:40]
+    except (ValueError, RecursionError):
+        return type(value).__name__
+
+
 def _example(record, where: str, line: int) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got a {type(record).__name__}")
@@ -74,7 +84,9 @@ def _example(record, where: str, line: int) -> Example:
     for key in required + optional:
         if key in record and not isinstance(record[key], str):
             raise ValueError(f"{where}: field {key!r} must be a string, got "
-                             f"{type(record[key]).__name__} {json.dumps(record[key])[:40]}")
+                             f"{type(record[key]).__name__} {_shown(record[key])}")
+        if key in record:
+            check_text(record[key], f"{where}: field {key!r}")
     target = {"text": "text", "prompt-completion": "completion", "instruction": "output"}[layout]
     if not record[target].strip():
         raise ValueError(f"{where}: field {target!r} is empty; there is nothing to learn")
@@ -127,6 +139,10 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
                 record = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except ValueError as exc:  # an integer of more than 4300 digits
+                raise ValueError(f"{where}: not usable JSON ({exc})") from None
+            except RecursionError:  # arrays or objects nested thousands deep
+                raise ValueError(f"{where}: not usable JSON (nested too deeply)") from None
             examples.append(_example(record, where, number))
     if not examples:
         raise ValueError(f"{path}: empty file, no examples (one JSON object per line, e.g. "

@@ -415,6 +415,7 @@ def restore_checkpoint(folder: Path, saved: dict, tensors: dict, model, optimize
                                        "does not fit this model")
         with torch.no_grad():
             params[name].copy_(value)
+    ckpt.check_optimizer_fits(saved["optimizer"], tensors, optimizer)  # moments' shapes, first
     try:
         optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(
             saved["optimizer"], tensors, optimizer.state_dict()))

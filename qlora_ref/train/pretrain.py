@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as save_bytes
 
-from .._atomic import atomic_path, refuse_inside_package
+from .._atomic import atomic_file, refuse_inside_package
+from ..validation import check_num_threads
 from .gpt import GPT, GPTConfig
 from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_batch
 
@@ -76,9 +78,8 @@ def _check_arguments(steps, batch_size, lr, num_threads) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    if num_threads is not None:
+        check_num_threads(num_threads)  # at most MAX_THREADS: libgomp aborts past what it can create
 
 
 def pretrain(config=None, steps=3000, batch_size=64, lr=2e-3, seed=0, device="cpu",
@@ -204,8 +205,19 @@ def save_base_model(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {_CONFIG_KEY: json.dumps(asdict(model.config)), "format": "pt"}
-    with atomic_path(path) as tmp:  # a kill or a full disk leaves the old file whole
-        save_file(tensors, str(tmp), metadata=metadata)
+    # the bytes are built in memory and written by Python: a full disk is then an OSError
+    # (ENOSPC, one line in the CLI), not a SafetensorError from inside the Rust writer
+    data = save_bytes(tensors, metadata=metadata)
+    with atomic_file(path) as f:  # a kill or a full disk leaves the old file whole
+        f.write(data)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line: ``load_state_dict`` lists every key on its own line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    return f"{lines[0]} {lines[1]}"[:300] + f" (and {len(lines) - 2} more lines)" * (len(lines) > 2)
 
 
 def load_base_model(path=None, device="cpu"):
@@ -237,12 +249,15 @@ def load_base_model(path=None, device="cpu"):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         config = GPTConfig(**json.loads(metadata[_CONFIG_KEY]))
+        if config.vocab_size < len(VOCAB):  # token ids past the table were an IndexError later
+            raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                             f"{len(VOCAB)} characters")
         state = load_file(str(path))
         model = GPT(config)
         model.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError,
-            json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a valid qlora_ref base model: {e}") from e
+    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError, ValueError,
+            RecursionError) as e:
+        raise ValueError(f"{path} is not a valid qlora_ref base model: {one_line(e)}") from None
     return model.to(device).eval()
 
 
