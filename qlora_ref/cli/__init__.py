@@ -17,6 +17,10 @@ Each command module holds ``HELP`` (one line for ``qlora-ref --help``),
 ``add_arguments(parser)`` (its flags) and ``run(args)`` (the work); it
 imports torch only inside ``run`` or ``add_arguments``.
 
+``--model smollm2`` (any name in :data:`qlora_ref.models.MODELS`) is
+replaced by the folder :func:`qlora_ref.models.smollm2` converts once, so
+``finetune``, ``generate``, ``datatypes`` and ``memory`` accept it.
+
 Errors (CUDA asked for but absent, an unknown task, an unreadable file, a
 bad JSONL line) print one line, ``qlora-ref: error: ...``, and exit with
 status 2.
@@ -107,6 +111,22 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _resolve_model_name(args: argparse.Namespace) -> None:
+    """``--model smollm2`` (a name in :data:`qlora_ref.models.MODELS`) becomes its converted folder.
+
+    Every command with a ``--model`` flag accepts the name this way. Without
+    the optional extra: a ``RuntimeError`` whose message says what to install.
+    """
+    from ..models import INSTALL_HINT, MODELS, MissingExtra, resolve
+
+    name = getattr(args, "model", None)
+    if isinstance(name, str) and name in MODELS:
+        try:
+            args.model = resolve(name, quiet=getattr(args, "quiet", False))
+        except MissingExtra:
+            raise RuntimeError(f"--model {name} needs the optional extra: {INSTALL_HINT}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``qlora-ref ARGV``; return the exit status (0, 2 on an error, 130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(torch.cuda.is_available() is False)", file=sys.stderr)
             return 2
     try:
+        _resolve_model_name(args)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"qlora-ref: error: {exc}", file=sys.stderr)

@@ -1,12 +1,16 @@
-"""``qlora-ref datatypes``: the shipped base's held-out loss with Int4 / FP4 / NF4 weights, ± double quantization.
+"""``qlora-ref datatypes``: held-out loss with Int4 / FP4 / NF4 weights, ± double quantization.
 
-The miniature of the paper's comparison of data types, without fine-tuning.
+The miniature of the paper's comparison of data types (Table 2), without
+fine-tuning: on the shipped tiny GPT (answer-token loss), or with
+``--model DIR`` / ``--model smollm2`` on a real Hugging Face causal LM
+(perplexity on the pinned licence texts, beside bitsandbytes' NF4 and FP4).
 The flags, their defaults and the work live with the experiment
 (:func:`qlora_ref.train.datatypes.add_arguments` and :func:`~qlora_ref.train.datatypes.run`).
 """
 from __future__ import annotations
 
-HELP = "loss of the shipped base with Int4/FP4/NF4 weights ± double quantization, no fine-tuning"
+HELP = ("loss of the tiny GPT, or perplexity of --model DIR|smollm2, with Int4/FP4/NF4 weights "
+        "± double quantization, no fine-tuning")
 
 
 def add_arguments(parser):

@@ -1,6 +1,7 @@
 """``qlora-ref generate``: print a model's greedy continuation of a prompt, with or without an adapter.
 
-* ``--model DIR [--adapter DIR]`` -- a local Hugging Face causal LM; with an
+* ``--model DIR [--adapter DIR]`` -- a local Hugging Face causal LM (or
+  ``--model smollm2``, the optional extra's real model); with an
   adapter, the base is stored as the fine-tuning run stored it and
   :func:`qlora_ref.load_adapter` puts the adapters in
   (:func:`qlora_ref.train.hf_finetune.generate`). ``--adapter`` alone uses the
@@ -16,8 +17,9 @@ HELP = "print the greedy continuation of --prompt (a Hugging Face model or the t
 
 
 def add_arguments(p):
-    p.add_argument("--model", metavar="DIR", help="a local Hugging Face causal LM folder "
-                   "(default: the shipped tiny GPT, or the base an --adapter records)")
+    p.add_argument("--model", metavar="DIR", help="a local Hugging Face causal LM folder, or "
+                   "'smollm2' (the real extra, see docs/real_model.md) (default: the shipped tiny GPT, "
+                   "or the base an --adapter records)")
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder, e.g. "
                    "runs/finetune/adapter")
     p.add_argument("--prompt", required=True, help="the text to continue (tiny GPT: a task "

@@ -1,7 +1,7 @@
 r"""The 4-bit data types on the shipped base model, without fine-tuning.
 
 The miniature of the QLoRA paper's data-type comparison (Dettmers et al.
-2023, sec. 5.1, Table 2 and Figure 3): quantize every projection of a
+2023, Section 4, Table 2 and Figure 3): quantize every projection of a
 pretrained model with Int4, FP4 or NF4 (blocksize 64), with and without
 double quantization, and measure how much the held-out loss rises. The
 16-bit rows are the reference: the float32 weights as shipped, and the same
@@ -28,12 +28,27 @@ pretraining never saw. The loss is the mean cross-entropy per answer token
 
 Accuracy is exact match of greedy answers, as everywhere in
 :mod:`qlora_ref.train`.
+
+The same table on a real pretrained model (:func:`real_datatype_table`,
+``qlora-ref datatypes --model smollm2``): every projection weight of a
+Hugging Face causal LM replaced by :math:`\operatorname{dequant}(\operatorname{quant}(\mathbf W))`
+(the embedding and the tied output head stay float32), scored by perplexity
+on the pinned licence texts (:mod:`qlora_ref.train.real_text`,
+:mod:`qlora_ref.train.perplexity`), once through this package and once
+through bitsandbytes' own ``quantize_4bit`` / ``dequantize_4bit``. Rows whose
+weights are bit-identical to an earlier row's share its perplexity (the
+forward pass is a function of the weights; the SHA-256 of all projection
+weights decides), so the equality of bytes is measured, not assumed.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +59,8 @@ from . import tasks
 from .pretrain import load_base_model
 
 __all__ = ["ROWS", "quantize_model", "datatype_table", "format_datatype_table",
-           "plot_datatype_table", "add_arguments", "run"]
+           "plot_datatype_table", "REAL_ROWS", "dequantized_copy", "real_datatype_table",
+           "format_real_table", "plot_real_table", "add_arguments", "run"]
 
 #: (row name, quant_type or a 16-bit dtype name, double quantization)
 ROWS = (
@@ -186,22 +202,249 @@ def plot_datatype_table(table: list[dict], path) -> Path:
     return path
 
 
+#: (row name, kind, double_quant, implementation) of the real-model table
+REAL_ROWS = (
+    ("float32 (as converted)", "float32", False, "torch"),
+    ("bfloat16", "bfloat16", False, "torch"),
+    ("Int4", "int4", False, "qlora_ref"),
+    ("Int4 + DQ", "int4", True, "qlora_ref"),
+    ("FP4", "fp4", False, "qlora_ref"),
+    ("FP4 + DQ", "fp4", True, "qlora_ref"),
+    ("NF4", "nf4", False, "qlora_ref"),
+    ("NF4 + DQ", "nf4", True, "qlora_ref"),
+    ("FP4 (bitsandbytes)", "fp4", False, "bitsandbytes"),
+    ("FP4 + DQ (bitsandbytes)", "fp4", True, "bitsandbytes"),
+    ("NF4 (bitsandbytes)", "nf4", False, "bitsandbytes"),
+    ("NF4 + DQ (bitsandbytes)", "nf4", True, "bitsandbytes"),
+)
+
+
+def _roundtrip(w: torch.Tensor, kind: str, double_quant: bool, blocksize: int,
+               impl: str) -> torch.Tensor:
+    """``dequant(quant(w))`` in float32, by this package or by bitsandbytes (its bytes, its code)."""
+    if impl == "qlora_ref":
+        from .. import dequantize_4bit, quantize_4bit
+
+        state = quantize_4bit(w, quant_type=kind, blocksize=blocksize, double_quant=double_quant)
+        return torch.from_numpy(dequantize_4bit(state, dtype="float32"))
+    import bitsandbytes.functional as bnb_F
+
+    packed, qs = bnb_F.quantize_4bit(w, blocksize=blocksize, quant_type=kind,
+                                     compress_statistics=double_quant)
+    if w.shape[-1] % blocksize == 0:
+        return bnb_F.dequantize_4bit(packed, qs)
+    # bitsandbytes' AVX-512 CPU dequantize misreads rows that are not whole blocks
+    # (docs/parity.md): its bytes are read by ours, which reads them as the CUDA kernel does
+    from .. import dequantize_4bit, from_bitsandbytes
+
+    return torch.from_numpy(dequantize_4bit(from_bitsandbytes(packed, qs), dtype="float32"))
+
+
+def dequantized_copy(model, kind: str, double_quant: bool = False, blocksize: int = 64,
+                     impl: str = "qlora_ref"):
+    r"""A copy of a Hugging Face causal LM whose projections hold dequant(quant(W)).
+
+    .. math::
+        \mathbf W \leftarrow \operatorname{dequant}(\operatorname{quant}(\mathbf W))
+
+    ``kind`` is ``"nf4"``, ``"fp4"``, ``"int4"`` (``impl`` ``"qlora_ref"`` or
+    ``"bitsandbytes"``; bitsandbytes has no Int4), ``"bfloat16"`` (rounded)
+    or ``"float32"`` (unchanged). The layers stay ``nn.Linear``: the model
+    computes what :func:`qlora_ref.prepare_model` with :math:`\mathbf B = 0`
+    computes (``tests/test_real_model.py`` checks one window), without
+    dequantizing at every forward. Every ``nn.Linear`` but the output head
+    is a projection; the embedding and the (tied) head stay as they are.
+    """
+    if impl not in ("qlora_ref", "bitsandbytes", "torch"):
+        raise ValueError(f"impl must be 'qlora_ref', 'bitsandbytes' or 'torch', got {impl!r}")
+    if kind not in ("float32", "bfloat16", "nf4", "fp4", "int4"):
+        raise ValueError(f"kind must be 'float32', 'bfloat16', 'nf4', 'fp4' or 'int4', got {kind!r}")
+    if impl == "bitsandbytes" and kind == "int4":
+        raise ValueError("bitsandbytes has no Int4 storage")
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name in _projections(model):
+            w = model.get_submodule(name).weight           # (out, in) float32
+            if kind == "bfloat16":
+                w.copy_(w.to(torch.bfloat16).to(w.dtype))  # round to nearest even, 8-bit mantissa
+            elif kind != "float32":
+                w.copy_(_roundtrip(w.detach().float(), kind, double_quant, blocksize,
+                                   impl).reshape(w.shape))
+    return model
+
+
+def _weights_digest(model) -> str:
+    """SHA-256 of every projection weight's bytes, in module order."""
+    digest = hashlib.sha256()
+    for name in _projections(model):
+        digest.update(model.get_submodule(name).weight.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def real_datatype_table(model_dir, blocksizes=(64,), window: int = 512, max_windows: int = 32,
+                        rows=REAL_ROWS, log=None) -> dict:
+    """Perplexity of a real model on the pinned text, one row per data type and implementation.
+
+    Parameters
+    ----------
+    model_dir : path
+        A local Hugging Face causal LM folder (``qlora_ref.models.smollm2()``).
+    blocksizes : sequence of int, default (64,)
+        The 4-bit rows are repeated for each; the 16-bit rows appear once.
+    window, max_windows : int
+        Tokens per window and how many windows (default 32 of 512: 16,384 tokens).
+    rows : sequence of (name, kind, double_quant, impl), default ``REAL_ROWS``
+    log : callable, optional
+        Called with one line per finished row.
+
+    Returns
+    -------
+    dict
+        ``{"model", "text", "rows"}``; each row ``{"name", "kind",
+        "double_quant", "impl", "blocksize", "loss", "perplexity",
+        "window_nll" (each window's summed NLL), "weights_sha256",
+        "same_weights_as", "seconds"}``.
+    """
+    from .hf_finetune import load_pretrained
+    from .perplexity import perplexity
+    from .real_text import TEXTS, load_text, token_windows
+
+    base, tokenizer = load_pretrained(model_dir)
+    windows = token_windows(tokenizer, load_text(), window, max_windows)  # (n, window)
+    out = {"model": str(model_dir),
+           "text": {"files": [name for name, _ in TEXTS], "window": window,
+                    "windows": int(windows.shape[0]),
+                    "tokens_scored": int(windows.shape[0]) * (window - 1)},
+           "rows": []}
+    seen = {}
+    for blocksize in blocksizes:
+        for name, kind, dq, impl in rows:
+            if kind in ("float32", "bfloat16") and blocksize != blocksizes[0]:
+                continue  # no blocks: once is enough
+            start = time.perf_counter()
+            model = dequantized_copy(base, kind, dq, blocksize, impl)
+            digest = _weights_digest(model)
+            row = {"name": name, "kind": kind, "double_quant": dq, "impl": impl,
+                   "blocksize": None if kind in ("float32", "bfloat16") else blocksize,
+                   "weights_sha256": digest, "same_weights_as": None}
+            if digest in seen:  # bit-identical weights: the same forward, the same number
+                first = seen[digest]
+                row.update(loss=first["loss"], perplexity=first["perplexity"],
+                           window_nll=first["window_nll"],
+                           same_weights_as=f"{first['name']} (blocksize {first['blocksize']})")
+            else:
+                result = perplexity(model, windows)
+                row.update(loss=result["loss"], perplexity=result["perplexity"],
+                           window_nll=result["window_nll"])
+                seen[digest] = row
+            del model
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            out["rows"].append(row)
+            if log is not None:
+                log(f"{name:<26} blocksize {row['blocksize'] or '-':>4}  perplexity "
+                    f"{row['perplexity']:.4f}  ({row['seconds']} s)")
+    return out
+
+
+def format_real_table(table: dict) -> str:
+    """Markdown: one row per data type and implementation, perplexity and ratio to float32."""
+    ref = next(r["perplexity"] for r in table["rows"] if r["kind"] == "float32")
+    lines = ["| data type | quantized by | blocksize | perplexity | x float32 | note |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in table["rows"]:
+        note = f"same weights as {r['same_weights_as']}" if r["same_weights_as"] else ""
+        lines.append(f"| {r['name']} | {r['impl']} | {r['blocksize'] or '-'} | "
+                     f"{r['perplexity']:.4f} | {r['perplexity'] / ref:.4f} | {note} |")
+    return "\n".join(lines)
+
+
+def plot_real_table(table: dict, path) -> Path:
+    """Bars of each row's perplexity above float32 (percent), written atomically to ``path``."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    rows = table["rows"]
+    ref = next(r["perplexity"] for r in rows if r["kind"] == "float32")
+    colours = {"float32": "#777777", "bfloat16": "#999999", "int4": "#C44E52", "fp4": "#DD8452",
+               "nf4": "#4C72B0"}
+    fig = Figure(figsize=(7.5, 0.32 * len(rows) + 1.2), dpi=110)
+    ax = fig.subplots()
+    for i, r in enumerate(rows):
+        ax.barh(i, 100.0 * (r["perplexity"] / ref - 1.0), color=colours[r["kind"]],
+                hatch="//" if r["double_quant"] else None, edgecolor="white",
+                alpha=0.55 if r["impl"] == "bitsandbytes" else 1.0)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [
+        f"{r['name']}" + (f" [{r['blocksize']}]" if r["blocksize"] else "") for r in rows],
+        fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"perplexity above float32, % ({table['text']['tokens_scored']} tokens; "
+                  "hatched: DQ; pale: bitsandbytes)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    return path
+
+
 def add_arguments(parser):
     """Flags of a ``qlora-ref datatypes`` command."""
-    parser.add_argument("--base-model", help="a base model .safetensors (default: the shipped one)")
-    parser.add_argument("--n", type=int, default=200, help="held-out examples per pretraining "
-                        f"task (default 200, at most {tasks.EVAL_SIZE})")
-    parser.add_argument("--no-accuracy", action="store_true", help="loss only (faster)")
+    parser.add_argument("--model", metavar="DIR", help="a local Hugging Face causal LM folder, or "
+                        "'smollm2' (the optional extra's real model): perplexity on the pinned "
+                        "licence texts instead of the tiny GPT's task loss")
+    parser.add_argument("--base-model", help="a tiny-GPT base model .safetensors (default: the "
+                        "shipped one)")
+    parser.add_argument("--n", type=int, default=200, help="tiny GPT: held-out examples per "
+                        f"pretraining task (default 200, at most {tasks.EVAL_SIZE})")
+    parser.add_argument("--no-accuracy", action="store_true", help="tiny GPT: loss only (faster)")
+    parser.add_argument("--windows", type=int, default=32, help="with --model: windows of text "
+                        "to score (default 32)")
+    parser.add_argument("--window", type=int, default=512, help="with --model: tokens per window "
+                        "(default 512)")
+    parser.add_argument("--blocksizes", default="64", help="with --model: comma-separated "
+                        "blocksizes for the 4-bit rows (default 64)")
+    parser.add_argument("--json", metavar="PATH", help="with --model: write the table as JSON "
+                        "there")
     parser.add_argument("--plot", metavar="PATH", help="write the bar chart (.png or .svg) there")
     return parser
 
 
 def run(args) -> int:
     """Run the ``datatypes`` command from parsed arguments; return the exit status (0)."""
+    if getattr(args, "model", None):
+        return _run_real(args)
     if not 0 < args.n <= tasks.EVAL_SIZE:
         raise ValueError(f"--n must be in 1..{tasks.EVAL_SIZE}, got {args.n}")
     table = datatype_table(args.base_model, n=args.n, accuracy=not args.no_accuracy)
     print(format_datatype_table(table))
     if args.plot:
         print(f"plot: {plot_datatype_table(table, args.plot)}")
+    return 0
+
+
+def _run_real(args) -> int:
+    from ..validation import VALID_BLOCKSIZES
+
+    try:
+        blocksizes = tuple(int(b) for b in args.blocksizes.split(","))
+    except ValueError:
+        raise ValueError(f"--blocksizes must be comma-separated integers, got "
+                         f"{args.blocksizes!r}") from None
+    bad = [b for b in blocksizes if b not in VALID_BLOCKSIZES]
+    if bad or not blocksizes:
+        raise ValueError(f"--blocksizes must be among {VALID_BLOCKSIZES}, got {args.blocksizes!r}")
+    if args.windows < 1 or args.window < 2:
+        raise ValueError(f"--windows must be at least 1 and --window at least 2, got "
+                         f"{args.windows} and {args.window}")
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    table = real_datatype_table(args.model, blocksizes=blocksizes, window=args.window,
+                                max_windows=args.windows, log=log)
+    print(format_real_table(table))
+    if args.json:
+        from .._atomic import write_atomic
+
+        write_atomic(args.json, json.dumps(table, indent=1) + "\n")
+        print(f"json: {args.json}")
+    if args.plot:
+        print(f"plot: {plot_real_table(table, args.plot)}")
     return 0
