@@ -144,9 +144,9 @@ def _stored(path: Path):
     return nbformat.read(path, as_version=4)
 
 
-def test_the_eight_notebooks_are_there():
+def test_the_nine_notebooks_are_there():
     names = [p.name[:2] for p in NOTEBOOKS]
-    assert names == [f"{i:02d}" for i in range(1, 9)], names
+    assert names == [f"{i:02d}" for i in range(1, 10)], names
 
 
 # ---------------------------------------------------------------- exercises, read without running
