@@ -595,3 +595,12 @@ def test_unpack_nibbles_accepts_bytes_or_names_the_problem(values, n):
         assert out.dtype == np.uint8 and out.size == n
         assert packing.pack_nibbles(out).tolist() == [v & (0xF0 if i == len(values) - 1 and n % 2
                                                            else 0xFF) for i, v in enumerate(values)]
+
+
+def test_a_prompt_with_a_non_utf8_byte_is_one_line(capsys):
+    """``--prompt`` with a byte that is not UTF-8 (Python decodes it as a lone surrogate)."""
+    from qlora_ref.cli import main
+
+    assert main(["generate", "--prompt", "s31\udcff=", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prompt is not valid Unicode text" in err[0], err

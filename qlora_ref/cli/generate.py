@@ -32,8 +32,11 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..validation import check_text
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_text(args.prompt, "--prompt")  # a non-UTF-8 byte (a lone surrogate here) is one line
     if args.model is None and args.adapter is not None:
         from ..train.hf_finetune import adapter_base
 

@@ -56,17 +56,20 @@ def format_report(result) -> str:
     """The run's report as markdown: loss curve, the task, metrics and examples before/after, setup."""
     c, p = result.config, result.parameters
     hf = bool(getattr(c, "dataset_path", ""))
+    # what the "before" row measured: full fine-tuning starts from the base itself
+    start = ("the base model" if c.full_finetune else
+             f"{'16-bit' if c.quant_bits == 16 else 'quantized'} base, adapters at zero")
     lines = [f"# Fine-tuning report: {c.method()} on `{c.task}`", "",
              "![training loss](loss_curve.png)", "", "## The task", "", *_task_paragraph(result),
              "", "## Before and after fine-tuning", ""]
     if hf:
         lines += ["| | completion-token loss |", "|---|---:|",
-                  f"| before fine-tuning (quantized base, adapters at zero) | {result.before['loss']:.4f} |",
+                  f"| before fine-tuning ({start}) | {result.before['loss']:.4f} |",
                   f"| after {result.steps} steps | {result.after['loss']:.4f} |"]
     else:
         lines += [
             "| | exact-match accuracy | answer-token loss |", "|---|---:|---:|",
-            *([f"| before fine-tuning (quantized base, adapters at zero) | {result.before['accuracy']:.3f} | {result.before['loss']:.4f} |"]
+            *([f"| before fine-tuning ({start}) | {result.before['accuracy']:.3f} | {result.before['loss']:.4f} |"]
               if result.before else []),
             f"| after {result.steps} steps | {result.after['accuracy']:.3f} | {result.after['loss']:.4f} |"]
     examples = getattr(result, "examples", None) or []
