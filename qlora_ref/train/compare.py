@@ -48,6 +48,8 @@ ARMS = {
     "QLoRA FP4": ("data type", dict(quant_bits=4, bnb_4bit_quant_type="fp4")),
     "QLoRA Int4": ("data type", dict(quant_bits=4, bnb_4bit_quant_type="int4")),
     "QLoRA NF4, attention only": ("placement", dict(target_modules=ATTENTION)),
+    # the paper's LoRA baseline adapts the query and value projections only
+    "QLoRA NF4, query and value only": ("placement", dict(target_modules=["q_proj", "v_proj"])),
     "QLoRA NF4, r=2": ("rank", dict(r=2)),
     "QLoRA NF4, r=32": ("rank", dict(r=32)),
 }
