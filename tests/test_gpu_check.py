@@ -26,6 +26,9 @@ RESULT_KEYS = {
                    "peak_memory_bytes"),
     "d_llama_memory": ("config", "tokens", "r", "lora_params_predicted", "variants",
                        "activations_in_prediction"),
+    "e_real_model": ("model", "folder", "config", "tokens", "variants", "ratios",
+                     "max_abs_logit_diff_qlora_ref_vs_bnb", "max_abs_logit_bnb",
+                     "same_argmax_qlora_ref_vs_bnb"),
     "f_fsdp": ("backend", "world_size", "hooks_ran", "loss_sharded", "loss_unsharded",
                "loss_equal", "max_abs_grad_diff", "dcp_round_trip_equal"),
 }
@@ -92,6 +95,21 @@ def test_dry_run_runs_every_part_and_writes_its_results(dry_run):
     stored = {name: v["base_bytes_as_stored"] for name, v in d["variants"].items()}
     assert stored["qlora"] < stored["lora16"], stored
 
+    # the real model's part, on the dry run's tiny Llama in SmolLM2's place
+    e = json.loads((out / "e_real_model" / "result.json").read_text())
+    assert e["model"].startswith("tiny Llama") and e["config"]["tie_word_embeddings"]
+    assert set(e["variants"]) == {"qlora_ref", "bnb_peft", "bf16"}
+    ours, bnb = e["variants"]["qlora_ref"], e["variants"]["bnb_peft"]
+    # the same adapters on the same layers: PEFT's "all-linear" and ours pick the same ones
+    assert ours["trainable_params"] == bnb["trainable_params"] > 0
+    assert all(v["steps_per_s"] > 0 for v in (ours, bnb))
+    assert all(v["decode_tokens_per_s"] > 0 for v in e["variants"].values())
+    assert all(r > 0 for r in e["ratios"].values() if r is not None), e["ratios"]
+    # before training the adapters are zero and both bases hold the same NF4 codes: the
+    # logits differ by bfloat16 roundings (0.0039 of 1.2 when written), far below 5% of them
+    diff, largest = e["max_abs_logit_diff_qlora_ref_vs_bnb"], e["max_abs_logit_bnb"]
+    assert largest > 0 and diff <= 0.05 * largest, (diff, largest)
+
     # FSDP2 over one process (gloo here): the gathers ran, and nothing else changed a byte
     f = json.loads((out / "f_fsdp" / "result.json").read_text())
     assert f["backend"] == "gloo" and f["forward_calls_seen"] > 0
@@ -141,7 +159,7 @@ def test_cpu_without_dry_run_is_refused_before_anything_runs(tmp_path):
 # -- the verdicts of a GPU run, on made-up numbers ---------------------------------------------
 
 def gpu_results(parity_failed=0, time_ratio=1.1, peak_ratio=0.9, memory_ratio=1.05,
-                fsdp_loss_equal=True):
+                fsdp_loss_equal=True, real_time_ratio=1.2, real_peak_ratio=1.0):
     """Results shaped as the parts write them on a GPU, with the numbers the verdicts read."""
     def counts(failed):
         return {"passed": 48 - failed, "failed": failed, "error": 0, "skipped": 0}
@@ -161,6 +179,14 @@ def gpu_results(parity_failed=0, time_ratio=1.1, peak_ratio=0.9, memory_ratio=1.
                                      "static_vs_prediction": 0.9,
                                      "prediction": {"total_bytes": predicted},
                                      "measured": {"peak_bytes": predicted * memory_ratio}}}},
+        "e": {"status": "ok",
+              "ratios": {"time_qlora_ref_vs_bnb_peft": real_time_ratio,
+                         "peak_qlora_ref_vs_bnb_peft": real_peak_ratio},
+              "variants": {"qlora_ref": {"ms_per_step": 50 * real_time_ratio,
+                                         "steps_per_s": 20 / real_time_ratio,
+                                         "peak_bytes": 2e9 * real_peak_ratio},
+                           "bnb_peft": {"ms_per_step": 50.0, "steps_per_s": 20.0,
+                                        "peak_bytes": 2e9}}},
         "f": {"status": "ok", "hooks_ran": True, "loss_equal": fsdp_loss_equal,
               "loss_sharded": 2.5, "loss_unsharded": 2.5 if fsdp_loss_equal else 2.501,
               "max_abs_grad_diff": 0.0, "dcp_round_trip_equal": True},
@@ -184,6 +210,10 @@ def test_each_target_can_fail_on_its_own():
     assert verdicts(gpu_results(memory_ratio=0.89))["T5"] == "NOT met"
     assert verdicts(gpu_results(memory_ratio=1.11))["T1"] == "met"
     assert verdicts(gpu_results(fsdp_loss_equal=False))["T6"] == "NOT met"
+    assert verdicts(gpu_results(real_time_ratio=1.31))["T7"] == "NOT met"
+    assert verdicts(gpu_results(real_time_ratio=1.31))["T8"] == "met"
+    assert verdicts(gpu_results(real_peak_ratio=1.01))["T8"] == "NOT met"
+    assert verdicts(gpu_results(real_peak_ratio=1.01))["T7"] == "met"
 
 
 def test_a_part_that_did_not_finish_leaves_its_targets_unmeasured():
@@ -193,7 +223,59 @@ def test_a_part_that_did_not_finish_leaves_its_targets_unmeasured():
     got = verdicts(results)
     assert got["T1"] == got["T2"] == "met"
     assert got["T3"] == got["T4"] == got["T5"] == "not measured"
-    assert got["T6"] == "met"
+    assert got["T6"] == got["T7"] == got["T8"] == "met"
+
+
+# -- (e) without the real model's extra: skipped, said why, the script does not fail -------------
+
+def test_real_model_part_is_skipped_without_the_extra(monkeypatch, tmp_path):
+    from qlora_ref import models
+
+    script = load_script()
+    monkeypatch.setattr(models, "extra_installed", lambda: False)
+    ctx = script.Context(tmp_path, "cuda", dry_run=False)   # the GPU run's model source
+    with pytest.raises(script.PartSkipped, match="extra not installed"):
+        script.real_model_folder(ctx)
+
+
+def test_a_skipped_part_is_recorded_with_its_reason_and_fails_nothing(monkeypatch, tmp_path):
+    import dataclasses
+
+    script = load_script()
+
+    def run(ctx):
+        raise script.PartSkipped("extra not installed (pip install ...)")
+
+    part = dataclasses.replace(script.PART_BY_KEY["e"], run=run)
+    monkeypatch.setitem(script.PART_BY_KEY, "e", part)
+    ctx = script.Context(tmp_path / "e", "cpu", dry_run=True)
+    assert script.run_part_here("e", ctx) == 0
+    r = json.loads((tmp_path / "e" / "result.json").read_text())
+    assert r["status"] == "skipped" and r["reason"].startswith("extra not installed"), r
+
+    results = gpu_results()
+    results["e"] = {**r, "wall_seconds": 1.0, "timeout_s": 150}
+    rows = {t["target"]: t for t in script.judge_targets(results, False, "cuda")}
+    assert rows["T7"]["verdict"] == rows["T8"]["verdict"] == "not measured"
+    assert "skipped: extra not installed" in rows["T7"]["measured"]
+    assert rows["T1"]["verdict"] == "met"
+    assert script.exit_status(results) == 0
+    results["b"] = {"status": "failed"}
+    assert script.exit_status(results) == 1
+
+
+def test_once_the_total_limit_is_spent_no_part_starts(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--device",
+                             "cpu", "--dry-run", "--parts", "a,e", "--total-limit", "0.5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["parts"]) == {"a", "e"}
+    for folder in ("a_cuda_tests", "e_real_model"):
+        r = json.loads((tmp_path / folder / "result.json").read_text())
+        assert r["status"] == "timeout" and "not started" in r["error"], r
+        assert not (tmp_path / folder / "log.txt").exists()   # no process was started
+    assert all(t["verdict"] == "not measured" for t in summary["targets"])
 
 
 def test_parity_counts_split_by_double_quant_and_read_junit(tmp_path):
