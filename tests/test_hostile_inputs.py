@@ -122,14 +122,14 @@ def test_a_regex_alpha_pattern_still_applies_as_in_peft(adapter_dir):
 
 @given(key=st.text("ab._-", max_size=5), name=st.text("ab._-", max_size=9))
 def test_plain_keys_match_exactly_as_peft_does(key, name):
-    from qlora_ref.nn.adapters import pattern_matcher
+    from qlora_ref.nn.targets import pattern_matcher
 
     peft_answer = re.match(rf"(.*\.)?({key})$", name) is not None  # peft.utils.other.get_pattern_key
     assert pattern_matcher(key)(name) == peft_answer
 
 
 def test_accepted_regex_keys_cost_milliseconds_on_long_paths():
-    from qlora_ref.nn.adapters import pattern_matcher
+    from qlora_ref.nn.targets import pattern_matcher
 
     name = "a.b." * 50                                            # a 200-character module path
     for key in (".*.*Z", "[a.]*[a.]*Z", r".*\..*Z"):

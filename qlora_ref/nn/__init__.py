@@ -9,6 +9,7 @@ Paper section 3, "QLoRA". One concept per module:
 * :mod:`~qlora_ref.nn.lora` -- :class:`LoRALinear` and the one LoRA formula;
 * :mod:`~qlora_ref.nn.merge` -- three ways to merge, measured;
 * :mod:`~qlora_ref.nn.model` -- :func:`prepare_model`, :func:`trainable_parameters`;
+* :mod:`~qlora_ref.nn.targets` -- which modules a name or pattern selects, at a bounded cost;
 * :mod:`~qlora_ref.nn.adapters` -- PEFT-compatible :func:`save_adapter` / :func:`load_adapter`.
 """
 from .adapters import load_adapter, save_adapter

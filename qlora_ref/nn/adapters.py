@@ -49,7 +49,8 @@ layer that would compute something else.
 Note (hostile configs): ``adapter_config.json`` is input. Wrong JSON types
 (``r: 4.7``, ``lora_alpha: "8"``, a list instead of an object) are a
 ``ValueError`` naming the field, and ``rank_pattern`` / ``alpha_pattern``
-keys are matched with a bounded cost (:func:`pattern_matcher`).
+keys are matched with a bounded cost
+(:func:`~qlora_ref.nn.targets.pattern_matcher`).
 """
 from __future__ import annotations
 
@@ -68,18 +69,15 @@ from ..dtypes import FLOAT_DTYPES
 from .._atomic import (atomic_directory, complete_directory, is_marker_part, is_temporary_directory,
                        recover_directory, refuse_symlink, write_atomic)
 from .lora import LoRALinear, lora_scaling
-from ..validation import MAX_LORA_ALPHA, MAX_LORA_RANK, check_lora_alpha, check_lora_rank, check_real
+from ..validation import (MAX_LORA_ALPHA, MAX_LORA_RANK, QUANT_BITS, QUANT_TYPES, check_lora_alpha,
+                          check_lora_rank, check_real)
 from .model import prepare_model, replace_module
 from .quantized import QuantizedLinear
-
-try:  # the standard library's regex parser (a private module, renamed in Python 3.11)
-    from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_parse as _sre_parse
+from .targets import check_regex_cost, pattern_matcher, pattern_value  # noqa: F401  (importable here)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "BASE_METADATA_KEY", "save_adapter", "load_adapter",
-           "adapter_key", "base_record", "read_base_record", "task_type_of", "pattern_matcher",
-           "check_regex_cost", "canonical_safetensors"]
+           "adapter_key", "base_record", "read_base_record", "task_type_of",
+           "canonical_safetensors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -285,10 +283,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
     return directory
 
 
-_QUANT_TYPES = ("nf4", "fp4", "int4")
 _RECORD_FIELDS = {  # field -> (check, what it must be)
-    "quant_bits": (lambda v: v in (4, 8, 16) and not isinstance(v, bool), "4, 8 or 16"),
-    "quant_type": (lambda v: v in _QUANT_TYPES, f"one of {_QUANT_TYPES}"),
+    "quant_bits": (lambda v: v in QUANT_BITS and not isinstance(v, bool), "4, 8 or 16"),
+    "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
     "blocksize": (lambda v: _is_positive_int(v), "a positive integer"),
     "double_quant": (lambda v: isinstance(v, bool), "true or false"),
     "compute_dtype": (lambda v: v is None or v in FLOAT_DTYPES, f"null or one of {FLOAT_DTYPES}"),
@@ -440,119 +437,6 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-#: Longest ``rank_pattern`` / ``alpha_pattern`` key run as a regular expression.
-MAX_PATTERN_LENGTH = 256
-#: Most repetitions (``*``, ``+``, ``{m,n}``) in one such key.
-MAX_PATTERN_REPEATS = 2
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]*")  # module paths: no regex syntax but "."
-
-
-def pattern_matcher(key: str):
-    r"""A test ``name -> bool`` equal to PEFT's ``re.match(rf"(.*\.)?({key})$", name)``, at bounded cost.
-
-    PEFT matches a ``rank_pattern`` / ``alpha_pattern`` key against a module
-    path with that regular expression: the key matches the whole path or a
-    suffix that starts after a ``.``. Run as given, a crafted key such as
-    ``(.*.*)*Z`` backtracks exponentially (minutes for a 20-character path).
-
-    Decision:
-
-    * A key made of letters, digits, ``_``, ``-`` and ``.`` (every key PEFT
-      writes, and module paths) is matched without a regex, by comparing the
-      path's last ``len(key)`` characters (``.`` matching any character, as
-      in the regex) and checking what precedes them is empty or ends in ``.``:
-      linear time, the same answer.
-    * Any other key must parse as a regex on its own (so it cannot close
-      PEFT's group and change the pattern around it), be at most
-      :data:`MAX_PATTERN_LENGTH` characters, have no repetition or
-      alternation inside a repetition, no back-references, and at most
-      :data:`MAX_PATTERN_REPEATS` repetitions. It then runs as PEFT runs it.
-      Without nesting, backtracking is polynomial: with PEFT's own ``.*``
-      prefix at most :math:`O(L^3)` steps for a path of length :math:`L`
-      (a few milliseconds at 200 characters).
-
-    Anything else is a ``ValueError`` naming the key and the rule.
-    """
-    if not isinstance(key, str):
-        raise ValueError(f"pattern key {key!r} must be a string")
-    if _PLAIN_KEY.fullmatch(key):
-        n = len(key)
-
-        def plain(name: str) -> bool:
-            start = len(name) - n
-            if start < 0 or (start > 0 and name[start - 1] != "."):
-                return False
-            return all(k == "." or k == c for k, c in zip(key, name[start:]))
-
-        return plain
-    check_regex_cost(key, "pattern key")
-    try:
-        compiled = re.compile(rf"(.*\.)?({key})$")  # PEFT's (peft.utils.other.get_pattern_key)
-    except re.error as exc:  # e.g. inline flags, valid alone but not inside PEFT's group
-        raise ValueError(f"pattern key {key!r} is not valid inside PEFT's pattern: {exc}") from None
-    return lambda name: compiled.match(name) is not None
-
-
-def check_regex_cost(pattern: str, what: str = "pattern",
-                     max_length: int | None = MAX_PATTERN_LENGTH) -> None:
-    """Raise ``ValueError`` unless ``pattern`` is a regex whose matching cost is bounded.
-
-    The rules of :func:`pattern_matcher`: it parses on its own, has at most
-    ``max_length`` characters (None: any length, e.g. an alternation of
-    many module names, as PEFT builds for ``target_modules``) and
-    :data:`MAX_PATTERN_REPEATS` repetitions, and nests no repetition or
-    alternation inside a repetition and no back-reference. ``what`` names
-    the field in the message.
-    """
-    if max_length is not None and len(pattern) > max_length:
-        raise ValueError(f"{what} {pattern[:40]!r}... has {len(pattern)} characters; at most "
-                         f"{max_length} are run as a regular expression")
-    try:
-        parsed = _sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
-    repeats = _count_repeats(parsed, f"{what} {pattern!r}", inside_repeat=False)
-    if repeats > MAX_PATTERN_REPEATS:
-        raise ValueError(f"{what} {pattern!r} has {repeats} repetitions; at most "
-                         f"{MAX_PATTERN_REPEATS} are allowed (bounded matching cost)")
-
-
-def _count_repeats(items, what: str, inside_repeat: bool) -> int:
-    """Repetitions (max > 1) in a parsed regex; ``ValueError`` on nesting or back-references."""
-    count = 0
-    for op, av in items:
-        name = getattr(op, "name", str(op))
-        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-            low, high, sub = av
-            repeats = high > 1
-            if repeats and inside_repeat:
-                raise ValueError(f"{what} nests a repetition inside another; "
-                                 "its matching cost could be exponential")
-            count += repeats + _count_repeats(sub, what, inside_repeat or repeats)
-        elif name == "BRANCH":
-            if inside_repeat:
-                raise ValueError(f"{what} repeats an alternation; "
-                                 "its matching cost could be exponential")
-            count += sum(_count_repeats(sub, what, inside_repeat) for sub in av[1])
-        elif name == "SUBPATTERN":
-            count += _count_repeats(av[-1], what, inside_repeat)
-        elif name in ("ASSERT", "ASSERT_NOT"):
-            count += _count_repeats(av[1], what, inside_repeat)
-        elif name == "ATOMIC_GROUP":
-            count += _count_repeats(av, what, inside_repeat)
-        elif name.startswith("GROUPREF"):
-            raise ValueError(f"{what} uses a back-reference, which is not supported")
-    return count
-
-
-def _pattern_value(matchers: list, name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches ``name``."""
-    for match, value in matchers:
-        if match(name):
-            return value
-    return default
-
-
 def _check_ranks(directory: Path, weights: dict, rank_pattern: list, default_r: int) -> None:
     """Each layer's rank from the config (``r`` or ``rank_pattern``) against its saved tensors.
 
@@ -561,7 +445,7 @@ def _check_ranks(directory: Path, weights: dict, rank_pattern: list, default_r: 
     is refused before layers of that rank are allocated (3.9 GB).
     """
     for name, pair in sorted(weights.items()):
-        r = _pattern_value(rank_pattern, name, default_r)
+        r = pattern_value(rank_pattern, name, default_r)
         for which, axis in (("A", 0), ("B", 1)):
             tensor = pair.get(which)
             if tensor is None:
@@ -603,7 +487,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     ------
     ValueError
         On a config field of the wrong type or range, or a pattern key that
-        :func:`pattern_matcher` refuses (naming the field); a tensor whose
+        :func:`~qlora_ref.nn.targets.pattern_matcher` refuses (naming the field); a tensor whose
         shape differs from the layer's (naming the layer and both shapes);
         weights for a layer the model lacks, or missing layers when ``strict``.
     """
@@ -627,7 +511,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                               target_modules="|".join(map(re.escape, sorted(weights))),
                               **_prepare_kwargs(record, prepare_kwargs))
         for name, layer in _lora_layers(model).items():  # a rank from rank_pattern
-            r = _pattern_value(rank_pattern, name, default_r)
+            r = pattern_value(rank_pattern, name, default_r)
             if r != layer.r:
                 new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout,
                                  fan_in_fan_out=layer.fan_in_fan_out)
@@ -671,7 +555,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             layer = layers[name]
             layer.lora_A.copy_(pair["A"])
             layer.lora_B.copy_(pair["B"])
-            layer.lora_alpha = _pattern_value(alpha_pattern, name, default_alpha)
+            layer.lora_alpha = pattern_value(alpha_pattern, name, default_alpha)
             layer.scaling = lora_scaling(layer.lora_alpha, layer.r)
             layer.lora_dropout = dropout
     return model

@@ -60,9 +60,10 @@ import torch.nn as nn
 
 from .autograd import dense_weight, is_conv1d
 from .linear4bit import Linear4bit
-from .lora import INITS, QUANT_BITS, LoRALinear
+from .lora import LoRALinear
 from .quantized import QuantizedLinear
-from ..validation import check_lora_alpha, check_lora_rank
+from .targets import check_regex_cost, matches_suffix
+from ..validation import INITS, QUANT_BITS, check_lora_alpha, check_lora_rank
 
 __all__ = ["prepare_model", "trainable_parameters", "find_target_modules", "ParameterCount"]
 
@@ -76,10 +77,6 @@ def _output_head_names(model: nn.Module) -> set:
     if head is not None:
         names |= {name for name, module in model.named_modules() if module is head}
     return names
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)  # PEFT's suffix rule
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -109,8 +106,6 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
                              f"head excluded, and found {linear or 'none'}")
         return chosen
     if isinstance(target_modules, str):
-        from .adapters import check_regex_cost  # (adapters imports this module)
-
         check_regex_cost(target_modules, "target_modules", max_length=None)  # must not hang
         chosen = [name for name in linear if re.fullmatch(target_modules, name)]
         if not chosen:
@@ -122,7 +117,7 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
                          f"of names, got {target_modules!r}")
     modules = dict(model.named_modules())
     for target in target_modules:
-        hits = [name for name in modules if name and _matches(name, target)]
+        hits = [name for name in modules if name and matches_suffix(name, target)]
         if not hits:
             leaves = sorted({name.split(".")[-1] for name in linear})
             raise ValueError(f"target module {target!r} is not in the model; its nn.Linear "
@@ -132,7 +127,7 @@ def find_target_modules(model: nn.Module, target_modules="all-linear") -> list[s
         if wrong:
             raise ValueError(f"target module {target!r} matches {wrong}, which is not an "
                              f"{_LINEAR_TYPES}; only linear layers can get LoRA adapters")
-    return [name for name in linear if any(_matches(name, t) for t in target_modules)]
+    return [name for name in linear if any(matches_suffix(name, t) for t in target_modules)]
 
 
 def prepare_model(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
