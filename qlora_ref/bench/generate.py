@@ -21,19 +21,11 @@ Every setting changed (torch's threads, ``QLORA_REF_NUM_THREADS``) is restored.
 from __future__ import annotations
 
 import os
-import time
+
+from .table import say_table
+from .timing import best_seconds, process_settings
 
 __all__ = ["layer_rows", "model_rows", "generate_table"]
-
-
-def _best(fn, repeat: int) -> float:
-    fn()                                                   # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def layer_rows(size: int = 4096, tokens=(1, 8), repeat: int = 11, seed: int = 0) -> list[dict]:
@@ -62,7 +54,7 @@ def layer_rows(size: int = 4096, tokens=(1, 8), repeat: int = 11, seed: int = 0)
             }
             for name, fn in ways.items():
                 rows.append({"table": "layer", "what": f"{size}x{size}, {t} token{'s' * (t > 1)}",
-                             "way": name, "seconds": _best(fn, repeat)})
+                             "way": name, "seconds": best_seconds(fn, repeat)})
     return rows
 
 
@@ -89,7 +81,7 @@ def model_rows(new_tokens: int = 16, repeat: int = 5, seed: int = 0) -> list[dic
     with torch.no_grad():
         for way, model in (("float32", gpt), ("NF4 (prepare_model)", gpt4)):
             rows.append({"table": "model", "what": f"tiny GPT, {new_tokens} tokens", "way": way,
-                         "seconds": _best(_tiny_gpt_generate(model, new_tokens), repeat)})
+                         "seconds": best_seconds(_tiny_gpt_generate(model, new_tokens), repeat)})
     config = transformers.LlamaConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2816,
                                       num_hidden_layers=4, num_attention_heads=16,
                                       num_key_value_heads=16, max_position_embeddings=256)
@@ -103,7 +95,7 @@ def model_rows(new_tokens: int = 16, repeat: int = 5, seed: int = 0) -> list[dic
             model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=0)
         rows.append({"table": "model", "what": f"Llama 4x1024 from a config, {new_tokens} tokens",
-                     "way": way, "seconds": _best(run, repeat)})
+                     "way": way, "seconds": best_seconds(run, repeat)})
     return rows
 
 
@@ -111,8 +103,6 @@ def generate_table(fmt: str = "text", say=print, size: int = 4096, repeat: int =
                    models: bool = True) -> list[dict]:
     """Measure :func:`layer_rows` (and :func:`model_rows`) on one thread, print them, return the rows."""
     import torch
-
-    from .bench import _say_table, process_settings
 
     with process_settings():
         os.environ["QLORA_REF_NUM_THREADS"] = "1"
@@ -131,5 +121,5 @@ def generate_table(fmt: str = "text", say=print, size: int = 4096, repeat: int =
                 body.append([key, way, f"{seconds * 1e3:.2f} ms", f"{f32 / seconds:.2f}x"])
         if body:
             say(f"generate ({table}), 1 thread, best of {repeat}; speed relative to float32")
-            _say_table(say, ["what", "way", "time", "vs float32"], body, fmt)
+            say_table(say, ["what", "way", "time", "vs float32"], body, fmt)
     return rows
