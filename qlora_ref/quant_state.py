@@ -38,7 +38,6 @@ from .validation import QUANT_TYPES, VALID_BLOCKSIZES
 
 __all__ = ["QuantState"]
 
-_ARRAYS = ("packed", "absmax", "code", "nested_absmax", "nested_code")
 #: metadata members of a state file: (allowed dtype kinds, most values)
 _META = {"shape": ("iu", 32), "blocksize": ("iu", 1), "nested_blocksize": ("iu", 1),
          "dtype": ("U", 1), "quant_type": ("U", 1), "offset": ("f", 1)}

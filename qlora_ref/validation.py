@@ -14,7 +14,7 @@ import numpy as np
 
 from .dtypes import FLOAT_DTYPES
 
-__all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "as_float32_flat", "check_blocksize",
+__all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "QUANT_BITS", "INITS", "OPTIMIZERS", "as_float32_flat", "check_blocksize",
            "check_quant_type", "check_positive_int", "check_code", "check_num_threads",
            "MAX_THREADS", "dtype_name", "check_int_range", "check_real", "MAX_MATRIX_ELEMENTS",
            "check_matrix_side", "MAX_LORA_RANK", "MAX_LORA_ALPHA", "check_lora_rank",
@@ -24,6 +24,12 @@ __all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "as_float32_flat", "check_blocksiz
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: The 4-bit data types this package implements.
 QUANT_TYPES = ("nf4", "fp4", "int4")
+#: Storage precisions of the frozen base (``quant_bits``).
+QUANT_BITS = (4, 8, 16)
+#: How ``lora_A`` and ``lora_B`` can start (``init_lora_weights``).
+INITS = ("lora", "gaussian", "loftq")
+#: The optimizers fine-tuning can use (``optim``).
+OPTIMIZERS = ("paged_adamw", "adamw", "bnb_paged_adamw")
 
 
 

@@ -4,8 +4,9 @@ core (NumPy: codebooks, blockwise, packing, double_quant, fourbit, quant_state,
 validation, dtypes, backend, memory, _runtime) -> kernels (_kernels) -> torch
 layer (nn, optim, interop; distributed, the FSDP2 sharding of that layer;
 models, the real pretrained models the package converts) ->
-training (train) -> the command line and the benchmark (cli). A module may import from its own floor and the floors below
-it, never above; the NumPy core imports neither torch nor bitsandbytes at
+training (train) -> the benchmark (bench) -> the command line (cli). A module may import
+from its own floor and the floors below it, never above, and no modules import each
+other, directly or round a ring; the NumPy core imports neither torch nor bitsandbytes at
 module level. Every import statement counts, also those inside functions.
 """
 import ast
@@ -22,13 +23,14 @@ CORE = ["codebooks", "blockwise", "packing", "double_quant", "fourbit", "quant_s
 #: floor -> the subpackages it must not import (the floors above it)
 FORBIDDEN = {
     "core": ("qlora_ref.nn", "qlora_ref.optim", "qlora_ref.interop", "qlora_ref.distributed",
-             "qlora_ref.models", "qlora_ref.train", "qlora_ref.cli"),
-    "nn": ("qlora_ref.distributed", "qlora_ref.train", "qlora_ref.cli"),
-    "distributed": ("qlora_ref.train", "qlora_ref.cli"),
-    "models": ("qlora_ref.train", "qlora_ref.cli"),
-    "optim": ("qlora_ref.train", "qlora_ref.cli"),
-    "interop": ("qlora_ref.train", "qlora_ref.cli"),
-    "train": ("qlora_ref.cli",),
+             "qlora_ref.models", "qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "nn": ("qlora_ref.distributed", "qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "distributed": ("qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "models": ("qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "optim": ("qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "interop": ("qlora_ref.train", "qlora_ref.bench", "qlora_ref.cli"),
+    "train": ("qlora_ref.bench", "qlora_ref.cli"),
+    "bench": ("qlora_ref.cli",),
 }
 
 
@@ -85,11 +87,12 @@ def test_the_core_does_not_import_torch_at_module_level(name):
 
 
 def test_the_command_line_imports_no_torch_at_module_level():
-    """``qlora-ref --help`` stays fast: every command module defers torch to its functions."""
-    heavy = {p.name: [m for m in imported_modules(p, top_level_only=True)
+    """``qlora-ref --help`` stays fast: every command module (and the benchmark it imports)
+    defers torch to its functions."""
+    heavy = {str(p.relative_to(PACKAGE)): [m for m in imported_modules(p, top_level_only=True)
                       if m.split(".")[0] in ("torch", "bitsandbytes", "transformers", "peft")
                       or m.startswith(("qlora_ref.nn", "qlora_ref.train", "qlora_ref.optim"))]
-             for p in floor_files("cli")}
+             for p in floor_files("cli") + floor_files("bench")}
     assert not {k: v for k, v in heavy.items() if v}, heavy
 
 
@@ -107,3 +110,97 @@ def test_importing_the_package_or_the_command_line_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def _module_files() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the ``qlora_ref`` modules it imports, at module level or inside a function.
+
+    ``from PKG import name`` is an edge to ``PKG.name`` when that is a module
+    (``from . import functional``), else to ``PKG``; the implicit import of a
+    parent package is not an edge (the parent is already being imported).
+    """
+    files = _module_files()
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
+                    module = f"{base}.{node.module}" if node.module else base
+                else:
+                    module = node.module
+                for alias in node.names:
+                    edges.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in files
+                              else module)
+        graph[name] = {m for m in edges if m in files and m != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``a -> b -> ... -> a``) per strongly connected group of two or more modules."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm; the graph is a few hundred nodes, recursion is fine
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:  # a shortest way back to the group's first module
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            for w in sorted(graph[path[-1]] & group):
+                if w == start:
+                    cycles.append(path + [start])
+                    paths = []
+                    break
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return sorted(cycles)
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or round a ring, at any depth of the code.
+
+    A function-level import breaks a cycle at run time but not for the
+    reader: the two modules still need each other to be understood.
+    """
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_a_ring():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []

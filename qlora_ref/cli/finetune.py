@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..validation import OPTIMIZERS, QUANT_BITS, QUANT_TYPES
+
 HELP = ("the main job: QLoRA-fine-tune the shipped tiny GPT, or a local Hugging Face model on "
         "a JSONL file (--model DIR --data FILE); evaluate before/after, save adapters, plot, report")
 DESCRIPTION = ("Quantize the base model to NF4 with double quantization, attach LoRA to every "
@@ -57,9 +59,9 @@ def add_arguments(p):
                    "instead of refusing them")
     p.add_argument("--task", help="fine-tuning task of the tiny GPT (default: sort); see "
                    "qlora_ref.train.tasks")
-    p.add_argument("--quant-bits", type=int, choices=[4, 8, 16], help="base storage: 4 (QLoRA, "
+    p.add_argument("--quant-bits", type=int, choices=QUANT_BITS, help="base storage: 4 (QLoRA, "
                    "default), 8 (blockwise 8-bit) or 16 (plain LoRA)")
-    p.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], help="4-bit type (default nf4)")
+    p.add_argument("--quant-type", choices=QUANT_TYPES, help="4-bit type (default nf4)")
     p.add_argument("--no-double-quant", action="store_true", help="keep float32 absmax constants")
     p.add_argument("--full-finetune", action="store_true", help="train every weight (float32), "
                    "no adapters; the trained model goes to OUTPUT_DIR/model")
@@ -76,7 +78,7 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, help="examples per micro-batch (per process; "
                    "default 32 for the tiny GPT, 8 with --model)")
     p.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per step")
-    p.add_argument("--optim", choices=["paged_adamw", "adamw", "bnb_paged_adamw"],
+    p.add_argument("--optim", choices=OPTIMIZERS,
                    help="optimizer (default paged_adamw, qlora_ref's educational pager)")
     p.add_argument("--base-model", help="a tiny-GPT base model .safetensors (default: the "
                    "shipped one)")

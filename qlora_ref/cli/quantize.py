@@ -14,6 +14,7 @@ import numpy as np
 
 from .._atomic import atomic_path, check_regular_file, open_regular_file, refuse_inside_package
 from ..dtypes import FLOAT_DTYPES
+from ..validation import QUANT_TYPES
 
 HELP = "quantize a .npy/.safetensors tensor: error and bits per parameter"
 
@@ -21,7 +22,7 @@ HELP = "quantize a .npy/.safetensors tensor: error and bits per parameter"
 def add_arguments(parser):
     parser.add_argument("file", help="a .npy file, or a .safetensors file (with --key)")
     parser.add_argument("--key", help="tensor name inside a .safetensors file")
-    parser.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
+    parser.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--histogram", metavar="PNG", help="write a histogram of the error")

@@ -42,16 +42,10 @@ from .autograd import QLoRAMatmul, qlora_inference, dense_weight, dropout_mask, 
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 from .quantized import QuantizedLinear, check_linear_input
-from ..validation import check_lora_alpha, check_lora_rank
+from ..validation import INITS, QUANT_BITS, check_lora_alpha, check_lora_rank
 
-__all__ = ["INITS", "QUANT_BITS", "lora_scaling", "delta_weight", "low_rank_factors",
+__all__ = ["lora_scaling", "delta_weight", "low_rank_factors",
            "freeze_base", "LoRALinear"]
-
-#: How ``lora_A`` and ``lora_B`` can start.
-INITS = ("lora", "gaussian", "loftq")
-#: Storage precisions of the frozen base.
-QUANT_BITS = (4, 8, 16)
-
 
 def lora_scaling(lora_alpha: float, r: int) -> float:
     r"""The LoRA scaling :math:`s = \alpha / r` (PEFT's rule; no rsLoRA)."""

@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..validation import check_config_bounds
+from ..validation import INITS, OPTIMIZERS, QUANT_BITS, QUANT_TYPES, check_config_bounds
 from . import tasks
 
 __all__ = ["FinetuneConfig", "HFFinetuneConfig", "load_config", "field_types", "FIELD_TYPES",
@@ -79,7 +79,7 @@ class FinetuneConfig:
         _check_field_types(self)
         _check_ranges(self)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            from ..nn.adapters import check_regex_cost
+            from ..nn.targets import check_regex_cost
 
             check_regex_cost(self.target_modules, "target_modules")
         self._check_data()
@@ -191,7 +191,7 @@ def _check_field_types(config) -> None:
 
 def _check_ranges(c: FinetuneConfig) -> None:
     """Raise ``ValueError`` naming the first field outside its range (types are checked already)."""
-    if c.quant_bits not in (4, 8, 16):
+    if c.quant_bits not in QUANT_BITS:
         raise ValueError(f"quant_bits must be 4, 8 or 16, got {c.quant_bits!r}")
     for name in ("r", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "train_size", "eval_size", "logging_steps"):
@@ -219,9 +219,9 @@ def _check_ranges(c: FinetuneConfig) -> None:
         raise ValueError(f"save_steps must be >= 0 (0: only at the end), got {c.save_steps!r}")
     if not 0 <= c.seed < 2 ** 63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {c.seed!r}")
-    for name, allowed in (("bnb_4bit_quant_type", ("nf4", "fp4", "int4")),
-                          ("optim", ("paged_adamw", "adamw", "bnb_paged_adamw")),
-                          ("init_lora_weights", ("lora", "gaussian", "loftq")),
+    for name, allowed in (("bnb_4bit_quant_type", QUANT_TYPES),
+                          ("optim", OPTIMIZERS),
+                          ("init_lora_weights", INITS),
                           ("bnb_4bit_compute_dtype", (None, "float32", "float16", "bfloat16"))):
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(c, name)!r}")

@@ -55,6 +55,7 @@ import torch
 
 from .._atomic import atomic_path
 from ..nn import prepare_model
+from ..validation import QUANT_TYPES
 from . import tasks
 from .pretrain import load_base_model
 
@@ -91,7 +92,7 @@ def quantize_model(model, kind: str, double_quant: bool = False):
                 w = model.get_submodule(name).weight
                 w.copy_(w.to(torch.bfloat16).to(w.dtype))  # round to nearest even, 8-bit mantissa
         return model.eval()
-    if kind not in ("nf4", "fp4", "int4"):
+    if kind not in QUANT_TYPES:
         raise ValueError(f"kind must be 'float32', 'bfloat16', 'nf4', 'fp4' or 'int4', got {kind!r}")
     # B = 0 at initialisation ("lora" init): the layer is exactly its quantized base
     return prepare_model(model, quant_type=kind, double_quant=double_quant, blocksize=64).eval()
@@ -257,7 +258,7 @@ def dequantized_copy(model, kind: str, double_quant: bool = False, blocksize: in
     """
     if impl not in ("qlora_ref", "bitsandbytes", "torch"):
         raise ValueError(f"impl must be 'qlora_ref', 'bitsandbytes' or 'torch', got {impl!r}")
-    if kind not in ("float32", "bfloat16", "nf4", "fp4", "int4"):
+    if kind not in ("float32", "bfloat16", *QUANT_TYPES):
         raise ValueError(f"kind must be 'float32', 'bfloat16', 'nf4', 'fp4' or 'int4', got {kind!r}")
     if impl == "bitsandbytes" and kind == "int4":
         raise ValueError("bitsandbytes has no Int4 storage")
