@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from zygote import zygote_source
 import torch
 
 import qlora_ref
@@ -462,34 +463,9 @@ def test_pretrain_refuses_bad_steps_and_never_writes_into_the_package(tmp_path, 
 # separate process running qlora_ref.cli.main(["finetune", ...]), killed by its own pid; the
 # imports (about 8 s of a fresh process here) are paid once. The reference run and one of the
 # killed runs are fresh `qlora-ref finetune` processes, so the two kinds are compared too.
-ZYGOTE = r"""
-import json, os, sys, traceback
-import torch
-torch.set_num_threads(1)
-import matplotlib.figure, torch._dynamo  # noqa: F401
-import qlora_ref.cli, qlora_ref.train.finetune, qlora_ref.train.report  # noqa: F401
-print("ready", flush=True)
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.environ.update(job["env"])
-            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            code = qlora_ref.cli.main(job["argv"])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 2
-        except BaseException:
-            traceback.print_exc()
-            code = 99
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
+ZYGOTE = zygote_source("\n".join([
+    'import torch._dynamo  # noqa: F401',
+    'import qlora_ref.cli, qlora_ref.train.finetune, qlora_ref.train.report  # noqa: F401']))
 
 # (QLORA_REF_FAULT_AFTER, step LATEST names after the kill): save every 2 steps, 24 steps in all.
 # A kill while step s is written leaves step s - 2; once LATEST switched, step s.

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from zygote import zygote_source
 import torch
 
 from qlora_ref.cli import main
@@ -359,34 +360,9 @@ def test_model_path_resume_refuses_another_config_or_data(capsys, tmp_path, mode
         assert out == "" and not (tmp_path / "o").exists(), "refused after the banner or the folder"
 
 
-ZYGOTE = r"""
-import json, os, sys, traceback
-import torch
-torch.set_num_threads(1)
-import matplotlib.figure, transformers, peft  # noqa: F401
-import qlora_ref.cli, qlora_ref.train.hf_finetune, qlora_ref.train.report  # noqa: F401
-print("ready", flush=True)
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.environ.update(job["env"])
-            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            code = qlora_ref.cli.main(job["argv"])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 2
-        except BaseException:
-            traceback.print_exc()
-            code = 99
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
+ZYGOTE = zygote_source("\n".join([
+    'import transformers, peft  # noqa: F401',
+    'import qlora_ref.cli, qlora_ref.train.hf_finetune, qlora_ref.train.report  # noqa: F401']))
 
 #: (QLORA_REF_FAULT_AFTER, the step LATEST names after the kill), a checkpoint every step:
 #: a kill in the middle of writing each file of checkpoint s leaves checkpoint s - 1.
