@@ -122,15 +122,8 @@ def finetune(config: FinetuneConfig, device: str | torch.device | None = None,
     qlora_ref.train.checkpoint.DiskFullError
         No space left on the device; the previous checkpoint is kept.
     """
-    device = loop.resolve_device(device)
-    loop.check_stop_after(stop_after)
-    if fsdp:
-        loop.check_fsdp(config)
-    rank, world, device = loop.distributed(device, fsdp)
-    out = Path(output_dir) if output_dir is not None else None
-    writer = rank == 0 and out is not None
-    if writer:
-        check_output_dir(out, overwrite=overwrite, resuming=resume_from is not None)
+    rank, world, device, out, writer = loop.start_run(
+        config, device, stop_after, fsdp, output_dir, overwrite, resuming=resume_from is not None)
     base = _base_model_file(config)
     load_base_model(base)  # a missing or unreadable file: one line, before anything is created
     fingerprints = {"base_model_sha256": (ckpt.sha256_file(base), str(base))} \

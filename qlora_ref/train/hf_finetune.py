@@ -330,17 +330,10 @@ def hf_finetune(config: HFFinetuneConfig, device=None, output_dir=None, progress
     TrainingDiverged
         The loss or the gradient norm became NaN or infinite.
     """
-    device = loop.resolve_device(device)
     if not evaluate and output_dir is not None:
         raise ValueError("evaluate=False writes no report: call it without output_dir")
-    loop.check_stop_after(stop_after)
-    if fsdp:
-        loop.check_fsdp(config)
-    rank, world, device = loop.distributed(device, fsdp)
-    out = Path(output_dir) if output_dir is not None else None
-    writer = rank == 0 and out is not None
-    if writer:
-        loop.check_output_dir(out, overwrite=overwrite, resuming=resume_from is not None)
+    rank, world, device, out, writer = loop.start_run(
+        config, device, stop_after, fsdp, output_dir, overwrite, resuming=resume_from is not None)
     config, examples, encoded, tokenizer = _prepare_data(config)
     fingerprints = {} if out is None and resume_from is None else {
         "base_model_sha256": (folder_sha256(config.base_model), str(config.base_model)),

@@ -59,7 +59,7 @@ from ..optim import make_optimizer
 from . import checkpoint as ckpt
 from .config import RESUMABLE_CHANGES, FinetuneConfig
 
-__all__ = ["Trainee", "TrainState", "FinetuneResult", "TrainingDiverged", "train", "run_outputs",
+__all__ = ["Trainee", "TrainState", "FinetuneResult", "TrainingDiverged", "train", "run_outputs", "start_run",
            "check_output_dir", "locked_output", "read_resume", "make_trainable", "batch_indices",
            "resolve_device", "check_stop_after", "distributed", "compute_dtype", "save_checkpoint",
            "check_resumable", "restore_checkpoint", "progress_bar", "check_fsdp", "whole_adapters",
@@ -230,6 +230,26 @@ def batch_indices(step: int, micro: int, config: FinetuneConfig, rank: int, worl
 
 
 # ----------------------------------------------------------------------------- the output folder
+
+def start_run(config, device, stop_after, fsdp: bool, output_dir, overwrite: bool, resuming: bool):
+    """What both jobs check first, before anything is loaded or created.
+
+    Returns ``(rank, world, device, out, writer)``: the process's rank and the
+    world size (torchrun, else 0 and 1), the device it trains on, the output
+    folder (or None) and whether this process writes it (rank 0 with a folder),
+    which :func:`check_output_dir` has then already checked.
+    """
+    device = resolve_device(device)
+    check_stop_after(stop_after)
+    if fsdp:
+        check_fsdp(config)
+    rank, world, device = distributed(device, fsdp)
+    out = Path(output_dir) if output_dir is not None else None
+    writer = rank == 0 and out is not None
+    if writer:
+        check_output_dir(out, overwrite=overwrite, resuming=resuming)
+    return rank, world, device, out, writer
+
 
 def check_output_dir(out, overwrite: bool = False, resuming: bool = False) -> None:
     """Refuse, creating nothing, an output folder the run cannot or must not write.
