@@ -10,6 +10,7 @@ and ``peft.AutoPeftModelForCausalLM`` for the saved adapter.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -518,3 +519,49 @@ def test_hf_finetune_as_a_library_call_writes_nothing_and_returns_model_and_hist
     again = hf_finetune(config, device="cpu", progress=False, evaluate=False)
     assert again.history == result.history, "the same config gives the same run"
     assert completion_loss(again.model, encoded, tokenizer.pad_token_id, "cpu") == loss
+
+
+def _shrunk_copy(model_dir, dest, **config_changes):
+    """A copy of the tiny Llama folder whose config.json (and weights) differ as given."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    shutil.copytree(model_dir, dest)
+    config = AutoConfig.from_pretrained(dest)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("command", ["finetune", "generate"])
+def test_a_vocabulary_smaller_than_the_tokenizer_is_one_line_not_an_index_error(
+        capsys, tmp_path, model_dir, pairs_data, command):
+    folder = _shrunk_copy(model_dir, tmp_path / "small-vocab", vocab_size=8)
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    args = (["finetune", "--model", folder, "--data", pairs_data, "--max-steps", "1",
+             "--output-dir", tmp_path / "o", "--quiet"] if command == "finetune" else
+            ["generate", "--model", folder, "--prompt", "review: great product ->"])
+    code, _, err = cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "embedding has 8 rows" in lines[0], err
+
+
+def test_sequences_longer_than_the_models_positions_are_one_line(capsys, tmp_path, model_dir):
+    folder = _shrunk_copy(model_dir, tmp_path / "short", max_position_embeddings=4)
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    code, _, err = cli(capsys, "generate", "--model", folder, "--prompt", "review: great product ->",
+                       "--max-new-tokens", "8")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "longer than the model's 4 positions" in lines[0], err
+
+
+def test_an_adapter_whose_base_folder_is_gone_says_so(capsys, tmp_path, run):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved-away")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = cli(capsys, "generate", "--adapter", adapter, "--prompt", "review: great product ->")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "which is missing" in lines[0], err

@@ -43,6 +43,9 @@ def run(args) -> int:
         base = adapter_base(args.adapter)
         if base and Path(base).is_dir():  # an adapter of a Hugging Face model
             args.model = base
+        elif base and Path(base).is_absolute():  # the folder it was trained on is gone
+            raise ValueError(f"{args.adapter} was trained on {base}, which is missing; pass "
+                             "--model DIR with that model")
     if args.model is not None:
         from ..train.hf_finetune import generate
 

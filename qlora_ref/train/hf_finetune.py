@@ -54,6 +54,7 @@ from .loop import FinetuneResult, TrainingDiverged  # noqa: F401  (raised by hf_
 
 __all__ = ["HFFinetuneConfig", "hf_finetune", "load_pretrained", "load_tokenizer", "load_model",
            "encode_examples", "collate", "completion_loss", "generate", "complete", "folder_sha256",
+           "check_model_fits",
            "IGNORE_INDEX"]
 
 #: The label of a token the loss leaves out (``torch.nn.CrossEntropyLoss``'s ``ignore_index``).
@@ -125,6 +126,26 @@ def load_model(model_dir: str | os.PathLike, device="cpu", dtype=None):
         raise ValueError(f"{folder}: no causal language model could be loaded "
                          f"({type(exc).__name__}: {_first_line(exc)})") from None
     return model.to(device).eval()
+
+
+def check_model_fits(model, tokenizer, n_tokens: int, folder) -> None:
+    """Refuse, in one line, a model whose embedding or positions cannot take the run's tokens.
+
+    A tokenizer with more ids than the model has embedding rows, or sequences
+    longer than the model's learned positions (GPT-2's ``n_positions``, or
+    ``max_position_embeddings``), would fail deep inside the model with an
+    ``IndexError`` on the first batch.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{folder}: the tokenizer has {len(tokenizer):,} token ids but the model's "
+                         f"embedding has {rows:,} rows (config vocab_size {model.config.vocab_size}); "
+                         "they are not a pair")
+    limit = getattr(model.config, "n_positions", None) or \
+        getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and n_tokens > limit:
+        raise ValueError(f"{folder}: sequences of {n_tokens} tokens are longer than the model's "
+                         f"{limit} positions; use a shorter --max-length (or --max-new-tokens)")
 
 
 def load_pretrained(model_dir: str | os.PathLike, device="cpu", dtype=None):
@@ -255,6 +276,7 @@ def _trainee(config: HFFinetuneConfig, device, encoded: list, tokenizer,
     """Load the model (float32 for full fine-tuning, else bfloat16 on CUDA) and make it trainable."""
     dtype = torch.bfloat16 if device.type == "cuda" and not config.full_finetune else torch.float32
     model = load_model(config.base_model, device="cpu", dtype=dtype)
+    check_model_fits(model, tokenizer, max(len(ids) for ids, _ in encoded), config.base_model)
     torch.manual_seed(config.seed)
     model = loop.make_trainable(model, config, device)
     pad = tokenizer.pad_token_id
@@ -418,6 +440,7 @@ def generate(model_dir: str | os.PathLike | None, prompt: str, adapter: str | os
         if not model_dir:
             raise ValueError(f"{adapter}/adapter_config.json records no base model; pass --model DIR")
     model, tokenizer = load_pretrained(model_dir, device="cpu")
+    check_model_fits(model, tokenizer, len(tokenizer(prompt)["input_ids"]) + max_new_tokens, model_dir)
     if adapter is not None:
         adapter_base(adapter)  # a clear error if it is not an adapter folder
         # the base is rebuilt as the adapter records it (quantization, blocksize, ...);
