@@ -47,6 +47,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Optional
 
 __all__ = [
     "fsdp_memory",
@@ -82,7 +83,7 @@ METHODS = ("full", "lora", "qlora")
 #: Linear projections of one LLaMA decoder layer: name -> (d_in, d_out) in units of
 #: "h" (hidden size) or "i" (intermediate size). Attention then the gated MLP.
 PROJECTIONS = MappingProxyType({
-    "q": ("h", "h"), "k": ("h", "h"), "v": ("h", "h"), "o": ("h", "h"),
+    "q": ("h", "h"), "k": ("h", "kv"), "v": ("h", "kv"), "o": ("h", "h"),
     "gate": ("h", "i"), "up": ("h", "i"), "down": ("i", "h"),
 })
 
@@ -259,7 +260,7 @@ def quantized_nbytes(n_params: int, bits: int = 4, blocksize: int = 64, double_q
 
 # ----------------------------------------------------------------------------- adapters
 def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r: int = 64,
-                     projections=tuple(PROJECTIONS)) -> int:
+                     projections=tuple(PROJECTIONS), kv_size: int | None = None) -> int:
     r"""Trainable LoRA parameters of a LLaMA-style decoder.
 
     A linear map :math:`W \in \mathbb{R}^{d_\mathrm{out} \times d_\mathrm{in}}`
@@ -270,8 +271,10 @@ def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r:
 
         N_\mathrm{LoRA} = L \sum_{p \in \mathrm{projections}} r\,(d^p_\mathrm{in} + d^p_\mathrm{out}).
 
-    Shapes follow :data:`PROJECTIONS`: q, k, v, o are ``h x h`` (no grouped-query
-    attention, as in LLaMA-1); gate and up map ``h -> i``, down ``i -> h``.
+    Shapes follow :data:`PROJECTIONS`: q and o are ``h x h``; k and v map
+    ``h -> kv``, where ``kv`` is ``h`` without grouped-query attention (LLaMA-1)
+    and ``h`` times key/value heads over query heads with it (SmolLM2: 576 x
+    3 / 9 = 192); gate and up map ``h -> i``, down ``i -> h``.
     Embeddings and the output head get no adapters.
 
     Parameters
@@ -283,6 +286,8 @@ def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r:
     projections : iterable of str
         Adapted projections, from ``q k v o gate up down``; the Hugging Face
         spelling ``q_proj`` etc. is accepted. Default: all seven, as in the paper.
+    kv_size : int, optional
+        Output size of the k and v projections (grouped-query attention); default ``hidden_size``.
 
     Examples
     --------
@@ -290,6 +295,7 @@ def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r:
     799539200
     """
     sizes = {"h": _count(hidden_size, "hidden_size"), "i": _count(intermediate_size, "intermediate_size")}
+    sizes["kv"] = sizes["h"] if kv_size is None else _count(kv_size, "kv_size")
     n_layers, r = _count(n_layers, "n_layers"), _count(r, "r")
     names = [p.removesuffix("_proj") if isinstance(p, str) else p for p in projections]
     unknown = [p for p in names if p not in PROJECTIONS]
@@ -320,6 +326,10 @@ class DecoderShape:
     ----------
     hidden_size, intermediate_size, n_layers, n_heads, vocab_size : int
         :math:`h`, :math:`i`, :math:`L`, :math:`a` and :math:`V`.
+    n_kv_heads : int, optional
+        Key/value heads (grouped-query attention); default ``n_heads`` (LLaMA-1).
+    tied_embeddings : bool
+        The output head shares the input embedding's matrix (SmolLM2, GPT-2).
 
     Examples
     --------
@@ -332,6 +342,8 @@ class DecoderShape:
     n_layers: int
     n_heads: int
     vocab_size: int = 32000
+    n_kv_heads: Optional[int] = None
+    tied_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "n_layers", "n_heads", "vocab_size"):
@@ -339,23 +351,36 @@ class DecoderShape:
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size must be a multiple of n_heads, got "
                              f"{self.hidden_size} and {self.n_heads}")
+        kv = self.n_heads if self.n_kv_heads is None else _count(self.n_kv_heads, "n_kv_heads")
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads must be a multiple of n_kv_heads, got {self.n_heads} and {kv}")
+        object.__setattr__(self, "n_kv_heads", kv)
+        if not isinstance(self.tied_embeddings, bool):
+            raise ValueError(f"tied_embeddings must be True or False, got {self.tied_embeddings!r}")
+
+    @property
+    def kv_size(self) -> int:
+        """Output size of the k and v projections: :math:`h\,a_{kv}/a`."""
+        return self.hidden_size * self.n_kv_heads // self.n_heads
 
     @property
     def n_params(self) -> int:
-        r"""Parameters of the LLaMA layout: :math:`2Vh + L(4h^2 + 3hi + 2h) + h`.
+        r"""Parameters of the LLaMA layout: :math:`2Vh + L(2h^2 + 2h\,kv + 3hi + 2h) + h`.
 
-        Input embedding and output head (not tied), then per layer the four
-        attention projections, the three MLP projections and two RMSNorm
-        weights, then the final RMSNorm. No biases.
+        Input embedding and output head (:math:`Vh` once when tied), then per
+        layer the four attention projections (k and v of size :math:`kv = h`
+        without grouped-query attention), the three MLP projections and two
+        RMSNorm weights, then the final RMSNorm. No biases.
         """
-        h, i = self.hidden_size, self.intermediate_size
-        per_layer = 4 * h * h + 3 * h * i + 2 * h
-        return 2 * self.vocab_size * h + self.n_layers * per_layer + h
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab_size * h
+        return embeddings + self.n_layers * per_layer + h
 
     def lora_params(self, r: int = 64, projections=tuple(PROJECTIONS)) -> int:
         """:func:`lora_param_count` for this shape."""
         return lora_param_count(self.hidden_size, self.intermediate_size, self.n_layers,
-                                r=r, projections=projections)
+                                r=r, projections=projections, kv_size=self.kv_size)
 
 
 #: LLaMA-1 shapes (Touvron et al. 2023, Table 2; the Hugging Face configs), the four
@@ -816,4 +841,11 @@ def shape_from_config(directory) -> DecoderShape:
     missing = [k for k, v in fields.items() if not isinstance(v, int) or isinstance(v, bool)]
     if missing:
         raise ValueError(f"{path}: no integer {', '.join(missing)} (not a decoder config?)")
-    return DecoderShape(**fields)
+    kv = config.get("num_key_value_heads", fields["n_heads"])
+    if not isinstance(kv, int) or isinstance(kv, bool):
+        raise ValueError(f"{path}: num_key_value_heads must be an integer, got {kv!r}")
+    # transformers' default for tie_word_embeddings is True (GPT-2 ties; LLaMA-1 configs say false)
+    tied = config.get("tie_word_embeddings", True)
+    if not isinstance(tied, bool):
+        raise ValueError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
+    return DecoderShape(**fields, n_kv_heads=kv, tied_embeddings=tied)

@@ -368,3 +368,24 @@ def test_memory_module_does_not_import_torch():
             "spec.loader.exec_module(module)\n"
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "memory.py imported torch"
+
+
+@pytest.mark.parametrize("kv_heads, tied", [(2, True), (4, False), (1, False)])
+def test_a_config_folder_counts_what_transformers_builds(tmp_path, kv_heads, tied):
+    """``memory --model DIR``: grouped-query attention and tied embeddings counted as transformers
+    builds them (parameters, and LoRA r=8 on all seven projections as prepare_model adds them)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qlora_ref.memory import shape_from_config
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    shape = shape_from_config(tmp_path)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    kv = 64 * kv_heads // 4
+    per_layer = 8 * ((64 + 64) * 2 + (64 + kv) * 2 + (64 + 96) * 2 + (96 + 64))
+    assert shape.lora_params(8) == 3 * per_layer

@@ -320,3 +320,12 @@ def test_the_debian_texts_match_their_pins():
     text = real_text.load_text()
     assert len(text) == sum((real_text.TEXT_DIR / n).stat().st_size for n, _ in real_text.TEXTS) \
         + len(real_text.SEPARATOR) * (len(real_text.TEXTS) - 1)
+
+
+def test_memory_counts_the_real_model_exactly(smollm2_dir, smollm2_model):
+    """``qlora-ref memory --model smollm2`` reads the shapes from config.json: tied embeddings and
+    grouped-query attention (3 key/value heads of 9) give the model's own parameter count."""
+    from qlora_ref.memory import shape_from_config
+
+    shape = shape_from_config(smollm2_dir)
+    assert shape.n_params == sum(p.numel() for p in smollm2_model.parameters()) == 134_515_008
