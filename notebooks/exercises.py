@@ -683,23 +683,50 @@ def verify_largest_rank(fn) -> None:
             "largest rank that fits (0 if none does)")
 
 
-def verify_paged_adamw_numbers(fn) -> None:
-    """07/3: ``fn(shapes, page_size)`` predicts what ``PagedAdamW`` reports, without building one."""
-    import torch
+def _longest_sequence_counted(n_params, n_lora, shape, budget_gb, gradient_checkpointing) -> int:
+    """The longest T (0 if none) with QLoRA's memory, activations of one sequence included, within budget."""
+    from qlora_ref import memory
 
-    from qlora_ref.optim import PagedAdamW
+    def fits(t):
+        table = memory.finetune_memory(n_params, "qlora", lora_params=n_lora, shape=shape, seq_len=t,
+                                       gradient_checkpointing=gradient_checkpointing)
+        return table.total_bytes <= budget_gb * 1e9
 
-    for shapes, page_size in [([(16, 256), (512, 16)], 4096), ([(3000,), (5,), (2, 1024)], 1024),
-                              ([(64, 64, 3)], 8192), ([(100,), (30, 10)], 1024)]:
-        params = [torch.nn.Parameter(torch.ones(shape)) for shape in shapes]
-        opt = PagedAdamW(params, page_size=page_size)
-        sum(p.sum() for p in params).backward()
-        opt.step()
-        measured = (opt.offloaded_state_bytes(), opt.device_page_bytes(), opt.pages_moved)
-        mine = require(_forbidding(fn, (shapes, page_size)), "paged_adamw_numbers(...)")
-        assert isinstance(mine, (tuple, list)) and len(mine) == 3, "return (host_bytes, device_bytes, pages_per_step)"
-        for name, a, b in zip(("host_bytes", "device_bytes", "pages_per_step"), mine, measured):
-            assert _whole(a, name) == b, f"shapes {shapes}, page_size {page_size}: {name} is {b:,}, you predict {a:,}"
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:                                   # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _sequence_cases():
+    """(what, shape, r, budget GB): the LLaMA sizes at usual GPU sizes, one that cannot fit, a made-up model."""
+    from qlora_ref import memory
+
+    shapes = memory.LLAMA_SHAPES
+    made_up = memory.DecoderShape(hidden_size=1000, intermediate_size=2700, n_layers=7, n_heads=10,
+                                  vocab_size=50_000)
+    return [("LLaMA-65B, r = 64", shapes["llama-65b"], 64, 48), ("LLaMA-65B, r = 64", shapes["llama-65b"], 64, 80),
+            ("LLaMA-7B, r = 64", shapes["llama-7b"], 64, 24), ("LLaMA-33B, r = 16", shapes["llama-33b"], 16, 20),
+            ("LLaMA-13B, r = 8", shapes["llama-13b"], 8, 16), ("LLaMA-65B, r = 64", shapes["llama-65b"], 64, 30),
+            ("a model of hidden size 1,000, MLP 2,700, 7 layers, vocabulary 50,000, r = 4", made_up, 4, 1.5)]
+
+
+def verify_longest_sequence(fn) -> None:
+    """07/3: ``fn(n_params, n_lora, shape, budget_gb, gradient_checkpointing)`` is the longest sequence that fits."""
+    for what, shape, r, budget in _sequence_cases():
+        n_params, n_lora = shape.n_params, shape.lora_params(r)
+        for checkpointing in (True, False):
+            expected = _longest_sequence_counted(n_params, n_lora, shape, budget, checkpointing)
+            mine = _whole(_forbidding(fn, (n_params, n_lora, shape, budget, checkpointing)),
+                          "longest_sequence(...)")
+            assert mine == expected, (
+                f"{what}, {budget} GB, gradient checkpointing {'on' if checkpointing else 'off'}: "
+                f"T = {mine:,} is not the longest sequence that fits (0 if none does)")
 
 
 # ---------------------------------------------------------------------------- notebook 08
@@ -761,15 +788,62 @@ def verify_bf16_relative_error_bound(bound) -> None:
         "the spacing, and what is the spacing relative to the value?")
 
 
-def verify_subtracting_restores_exactly(answer, layer) -> None:
-    """08/3: ``answer`` says whether (Ŵ + ΔW) - ΔW equals Ŵ in float32 for ``layer`` (measured here)."""
+def _requantize_cases():
+    """(what, LoRALinear, x): NF4 bases without double quantization, updates small and large, an all-zero block.
+
+    Each base is quantized from a float32 weight with outliers and one zero row; the update
+    ``B`` is scaled to a mean |ΔW| of a fraction (or a multiple) of a typical NF4 step, with a
+    zero row where the weight has one; the inputs are noise or noise plus a few strong directions.
+    """
     import torch
 
-    assert isinstance(answer, bool), "answer True or False"
-    w_hat = layer.base_layer.dequantize(torch.float32)
-    delta = layer.delta_weight(torch.float32).detach()
-    exact = bool(((w_hat + delta) - delta == w_hat).all())
-    assert answer == exact, "not for this layer: compute (Ŵ + ΔW) - ΔW in float32 and compare it with Ŵ"
+    from qlora_ref.nn import Linear4bit, LoRALinear
+
+    g = torch.Generator().manual_seed(83)
+    cases = []
+    for out_f, in_f, r, size, strong in ((64, 128, 4, 0.1, False), (96, 64, 8, 3.0, True),
+                                         (32, 64, 2, 0.5, False), (128, 256, 16, 1.0, True)):
+        w = torch.randn(out_f, in_f, generator=g) * 0.02                    # (out, in)
+        w.view(-1)[torch.randint(0, w.numel(), (5,), generator=g)] = 0.3     # outliers
+        w[3] = 0                                                             # all-zero block(s)
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        layer = LoRALinear(Linear4bit.from_linear(linear, double_quant=False), r=r, lora_alpha=2 * r)
+        with torch.no_grad():                                  # A from g too: no global RNG state
+            layer.lora_A.normal_(generator=g)
+            layer.lora_B.normal_(generator=g)
+            layer.lora_B[3] = 0
+            step = 0.02 * 0.13                                    # about one NF4 step at this scale
+            layer.lora_B.mul_(size * step / layer.delta_weight(torch.float32).abs().mean())
+        x = torch.randn(40, in_f, generator=g)                                # (n, in)
+        if strong:
+            x = x + 6 * torch.randn(40, 3, generator=g) @ torch.randn(3, in_f, generator=g)
+        what = (f"weight ({out_f}, {in_f}), rank-{r} update of mean size {size:g} NF4 steps, "
+                f"{'inputs with 3 strong directions' if strong else 'noise inputs'}")
+        cases.append((what, layer, x))
+    return cases
+
+
+def verify_requantize_error(fn) -> None:
+    """08/3: ``fn(w_hat, delta, x)`` is ``merge_errors``' relative error of ``"requantize"`` (``nf4_code`` allowed)."""
+    import math as _math
+
+    import torch
+
+    from qlora_ref import codebooks
+    from qlora_ref.nn import merge_errors
+
+    for what, layer, x in _requantize_cases():
+        expected = merge_errors(torch.nn.Sequential(layer), x, strategies=("requantize",))["requantize"].relative
+        w_hat = layer.base_layer.dequantize(torch.float32)                   # (out, in) Ŵ
+        delta = layer.delta_weight(torch.float32).detach()                   # (out, in) s B A
+        mine = _number(_forbidding(fn, (w_hat.clone(), delta.clone(), x.clone()), allow=(codebooks.nf4_code,)),
+                       "requantize_error(w_hat, delta, x)")
+        assert _math.isclose(mine, expected, rel_tol=1e-4), (
+            f"{what}: {mine:.6g} is not the relative output error of the \"requantize\" merge on "
+            "these inputs (Ŵ + ΔW stored in NF4 as in Exercise 1, one float32 absmax per block of 64; "
+            "compared with the unmerged layer's output, Ŵx + ΔWx)")
 
 
 # ============================================================================ notebook 09

@@ -360,7 +360,7 @@ class DecoderShape:
 
     @property
     def kv_size(self) -> int:
-        """Output size of the k and v projections: :math:`h\,a_{kv}/a`."""
+        r"""Output size of the k and v projections: :math:`h\,a_{kv}/a`."""
         return self.hidden_size * self.n_kv_heads // self.n_heads
 
     @property

@@ -21,12 +21,17 @@ def largest_rank(budget_gb, activation_bytes):
     return max(0, math.floor((budget_gb * 1e9 - fixed) / (12 * per_rank)))
 
 
-def paged_adamw_numbers(shapes, page_size):
-    """Exercise 3. Host: both moments of every parameter (2 x 4 bytes per element). Device: one
-    page of both moments of the largest parameter (a page is at most the whole tensor).
-    Pages: each parameter is walked in pages of page_size elements, both moments together."""
-    sizes = [math.prod(shape) for shape in shapes]
-    host = sum(2 * 4 * n for n in sizes)
-    device = 2 * 4 * max(min(page_size, n) for n in sizes)
-    pages = sum(math.ceil(n / page_size) for n in sizes)
-    return host, device, pages
+def longest_sequence(n_params, n_lora, shape, budget_gb, gradient_checkpointing):
+    """Exercise 3. What is left of the budget after the static memory (exercise 1), divided by the
+    activation bytes of one token (bfloat16, 2 bytes a value; ``memory.activation_memory``):
+    each decoder layer saves 8h + 3i values per token, the head h + V. Without checkpointing all
+    L layers keep theirs; with it only each layer's input (h values) is kept, and one layer's full
+    set is alive while it is recomputed."""
+    h, i, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.n_layers, shape.vocab_size
+    e_layer = 8 * h + 3 * i                                     # values one layer saves per token
+    if gradient_checkpointing:
+        per_token = 2 * (layers * h + e_layer + h + vocab)
+    else:
+        per_token = 2 * (layers * e_layer + h + vocab)
+    left = budget_gb * 1e9 - qlora_gb(n_params, n_lora) * 1e9  # bytes for activations
+    return max(0, math.floor(left / per_token))

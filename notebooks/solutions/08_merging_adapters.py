@@ -20,6 +20,19 @@ def nf4_codes(weight):
 #: 2**-7 apart relative to the leading bit, and rounding to nearest is off by at most half of that.
 bf16_relative_error_bound = 2.0 ** -8
 
-#: Exercise 3. Each float32 addition rounds; (w + d) - d loses the low bits of w whenever d is
-#: large next to w's last bits, so some elements come back different.
-subtracting_restores_exactly = False
+def requantize_error(w_hat, delta, x):
+    """Exercise 3. The "requantize" merge stores Ŵ + ΔW in NF4 again: blocks of 64 with their own
+    absmax (a new one: the update changes the block's largest value), each value the nearest level.
+    Its output error against the unmerged layer, relative to the unmerged output:
+
+        ‖x W'ᵀ - x (Ŵ + ΔW)ᵀ‖ / ‖x (Ŵ + ΔW)ᵀ‖,  W' = dequant(Q(Ŵ + ΔW)).
+    """
+    merged = w_hat + delta                                                   # (out, in) float32
+    blocks = merged.reshape(-1, 64)                                          # (n_blocks, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)                          # (n_blocks, 1)
+    levels = torch.tensor(qlora_ref.nf4_code(), dtype=merged.dtype)          # (16,)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))         # an all-zero block: 0 / 1
+    codes = ((blocks / scale).unsqueeze(-1) - levels).abs().argmin(dim=-1)   # (n_blocks, 64)
+    requantized = (levels[codes] * absmax).reshape(merged.shape)            # (out, in) W'
+    y = x @ merged.T                                                         # (n, out) unmerged
+    return float((x @ requantized.T - y).norm() / y.norm())
