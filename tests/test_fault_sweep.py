@@ -604,3 +604,12 @@ def test_a_prompt_with_a_non_utf8_byte_is_one_line(capsys):
     assert main(["generate", "--prompt", "s31\udcff=", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prompt is not valid Unicode text" in err[0], err
+
+
+def test_compare_refuses_zero_steps_before_any_run(capsys):
+    from qlora_ref.cli import main
+
+    assert main(["compare", "--quick", "--max-steps", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_steps" in err[0], err
+

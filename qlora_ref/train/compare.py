@@ -341,7 +341,8 @@ def add_arguments(parser):
 def run(args) -> int:
     """Run the ``compare`` command from parsed arguments; return the exit status (0)."""
     base = FinetuneConfig(base_model=args.base_model or "default",
-                          **({"max_steps": args.max_steps} if getattr(args, "max_steps", None) else {}))
+                          **({"max_steps": args.max_steps}
+                             if getattr(args, "max_steps", None) is not None else {}))  # 0 is refused
     started = time.perf_counter()
     if getattr(args, "sweep", False):
         result = run_sweep(sweep_seed=args.sweep_seed, seeds=args.seeds or (0, 1, 2, 3, 4),
