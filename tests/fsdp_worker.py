@@ -148,6 +148,68 @@ def run_rank(name: str, rank: int, world: int, steps: int, out: Path, save_at: i
     dist.barrier()
 
 
+LOADING_CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                      tie_word_embeddings=True)  # tied: one tensor in the file, two modules
+
+
+def save_float_models(folder: Path) -> None:
+    """What ``load_sharded`` reads: a tiny Llama folder (tied head) and the tiny GPT's safetensors."""
+    import transformers
+    from safetensors.torch import save_model
+    from qlora_ref.train.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LOADING_CONFIG)).save_pretrained(
+        folder / "llama_float")
+    torch.manual_seed(0)
+    save_model(GPT(gpt_config()), str(folder / "gpt_float.safetensors"))
+
+
+def gpt_config():
+    from qlora_ref.train.gpt import GPTConfig
+    return GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_embd=64)
+
+
+def run_loading(rank: int, folder: Path, out: Path) -> None:
+    """Old path (load whole, prepare_model, shard_model) against load_sharded: every local shard equal."""
+    from safetensors.torch import load_model as load_safetensors
+    from qlora_ref import prepare_model
+    from qlora_ref.distributed import load_sharded, shard_model
+    from qlora_ref.train.gpt import GPT
+    from qlora_ref.train.hf_finetune import load_model
+
+    lora = dict(r=4, lora_alpha=8, init="gaussian")
+    info = {}
+    for name in ("llama", "gpt"):
+        if name == "llama":
+            whole = load_model(folder / "llama_float")
+            torch.manual_seed(1)
+            old = shard_model(prepare_model(whole, **lora))
+            torch.manual_seed(1)
+            new = load_sharded(folder / "llama_float", **lora)
+        else:
+            whole = GPT(gpt_config())
+            load_safetensors(whole, str(folder / "gpt_float.safetensors"))
+            torch.manual_seed(1)
+            old = shard_model(prepare_model(whole, **lora))
+            torch.manual_seed(1)
+            new = load_sharded(lambda: GPT(gpt_config()), folder / "gpt_float.safetensors", **lora)
+        olds, news = dict(old.named_parameters()), dict(new.named_parameters())
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        differ = [n for n in olds if n not in news or olds[n].dtype != news[n].dtype
+                  or olds[n].requires_grad != news[n].requires_grad
+                  or not torch.equal(local(olds[n]), local(news[n]))]
+        ob, nb = dict(old.named_buffers()), dict(new.named_buffers())
+        differ += [f"buffer {n}" for n in ob if n not in nb or not torch.equal(ob[n], nb[n])]
+        ids = batches(1)[0][:2]
+        with torch.no_grad():
+            same_loss = torch.equal(loss_of(name, old, ids), loss_of(name, new, ids))
+        info[name] = {"params": len(olds), "same_names": list(olds) == list(news),
+                      "differ": differ, "same_loss": bool(same_loss),
+                      "quantized": sum(n.endswith("base_layer.packed") for n in olds)}
+    (out / f"loading_rank{rank}.json").write_text(json.dumps(info))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, required=True)
@@ -160,17 +222,20 @@ def main(argv=None) -> None:
     p.add_argument("--resume", default=None, help="{name} is replaced by the model name")
     p.add_argument("--resume-step", type=int, default=0)
     p.add_argument("--mismatch", default=None, help="a checkpoint of another model to refuse")
+    p.add_argument("--loading", default=None, help="folder of save_float_models: compare load_sharded")
     a = p.parse_args(argv)
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{a.store}", rank=a.rank,
                             world_size=a.world)
     try:
-        for name in a.models.split(","):
+        for name in filter(None, a.models.split(",")):
             resume = a.resume.format(name=name) if a.resume else None
             mismatch = a.mismatch.format(name=name) if a.mismatch else None
             run_rank(name, a.rank, a.world, a.steps, Path(a.out), a.save_at, resume,
                      a.resume_step, mismatch)
+        if a.loading:
+            run_loading(a.rank, Path(a.loading), Path(a.out))
     finally:
         dist.destroy_process_group()
 

@@ -5,7 +5,8 @@ Two launches of ``tests/fsdp_worker.py`` (plain processes meeting through a
 
 * 2 processes: the tiny GPT, a tiny transformers Llama and GPT-2 (Conv1D),
   each sharded per decoder block, 3 AdamW steps, a DCP checkpoint after step
-  2, and a replay from it in fresh objects;
+  2, and a replay from it in fresh objects; then ``load_sharded`` (one layer
+  at a time) against ``shard_model(prepare_model(...))`` on the same weights;
 * 4 processes: the tiny GPT resumed from the 2-process checkpoint for step
   3, and a checkpoint of another model refused.
 
@@ -65,7 +66,8 @@ def launch(world: int, out: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     two = tmp_path_factory.mktemp("fsdp2")
-    launch(2, two, "--models", "gpt,llama,gpt2", "--save-at", str(SAVE_AT))
+    worker.save_float_models(two)
+    launch(2, two, "--models", "gpt,llama,gpt2", "--save-at", str(SAVE_AT), "--loading", str(two))
     four = tmp_path_factory.mktemp("fsdp4")
     launch(4, four, "--models", "gpt", "--resume", str(two / "{name}_ckpt"),
            "--resume-step", str(SAVE_AT), "--mismatch", str(two / "llama_ckpt"))
@@ -149,6 +151,18 @@ def test_each_rank_holds_one_nth_of_the_base(runs, world, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt"])
+def test_loading_one_layer_at_a_time_is_byte_equal(runs, name):
+    # load_sharded (a folder with a tied head; a function + a safetensors file) against
+    # shard_model(prepare_model(whole model)): every rank's shards, buffers and a loss equal
+    for rank in range(2):
+        info = json.loads((runs[2] / f"loading_rank{rank}.json").read_text())[name]
+        assert info["quantized"] > 0 and info["same_names"], (rank, info)
+        assert info["differ"] == [], (rank, info["differ"][:5])
+        assert info["same_loss"], rank
+
+
+@pytest.mark.slow
 def test_saved_adapter_is_a_peft_folder_written_once(runs):
     from qlora_ref import load_adapter
     for name in ("gpt", "llama"):
@@ -170,6 +184,12 @@ def test_checkpoint_of_another_model_is_one_clear_error(runs):
 
 
 # -- bad input, in this process (no process group needed) ------------------------------
+def test_loading_needs_a_process_group_and_a_model_folder(tmp_path):
+    from qlora_ref.distributed import load_sharded
+    with pytest.raises(RuntimeError, match="needs torch.distributed to be initialized"):
+        load_sharded(tmp_path)
+
+
 def test_shard_count_must_divide_the_blocks():
     from qlora_ref.distributed import check_shardable
     model = worker.build("gpt")  # 64x64 layers: 64 blocks of 64 weights
@@ -234,7 +254,8 @@ def test_fsdp_memory_divides_everything_but_activations(tmp_path):
         assert table[col]["gathered block"] > 0
     (tmp_path / "config.json").write_text(json.dumps(
         {"hidden_size": 8192, "intermediate_size": 22016, "num_hidden_layers": 80,
-         "num_attention_heads": 64, "vocab_size": 32000}))
+         "num_attention_heads": 64, "vocab_size": 32000,
+         "tie_word_embeddings": False}))  # LLaMA-1's config; transformers' default is True
     assert memory.shape_from_config(tmp_path) == llama
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no integer hidden_size"):
