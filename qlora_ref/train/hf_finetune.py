@@ -272,13 +272,27 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
 
 
 def _trainee(config: HFFinetuneConfig, device, encoded: list, tokenizer,
-             fingerprints: dict) -> loop.Trainee:
-    """Load the model (float32 for full fine-tuning, else bfloat16 on CUDA) and make it trainable."""
+             fingerprints: dict, fsdp: bool = False) -> loop.Trainee:
+    """Load the model (float32 for full fine-tuning, else bfloat16 on CUDA) and make it trainable.
+
+    With ``fsdp`` the model is read, quantized and sharded one layer at a time
+    (:func:`qlora_ref.distributed.load_sharded`), so no rank ever holds the
+    whole model; the shards are byte-equal to sharding the whole prepared model.
+    """
     dtype = torch.bfloat16 if device.type == "cuda" and not config.full_finetune else torch.float32
-    model = load_model(config.base_model, device="cpu", dtype=dtype)
-    check_model_fits(model, tokenizer, max(len(ids) for ids, _ in encoded), config.base_model)
-    torch.manual_seed(config.seed)
-    model = loop.make_trainable(model, config, device)
+    n_tokens = max(len(ids) for ids, _ in encoded)
+    if fsdp:
+        from ..distributed import load_sharded
+
+        torch.manual_seed(config.seed)  # the adapters' draws, as on the path below
+        model = load_sharded(config.base_model, dtype=dtype, device=device,
+                             **loop.prepare_kwargs(config, device))
+        check_model_fits(model, tokenizer, n_tokens, config.base_model)
+    else:
+        model = load_model(config.base_model, device="cpu", dtype=dtype)
+        check_model_fits(model, tokenizer, n_tokens, config.base_model)
+        torch.manual_seed(config.seed)
+        model = loop.make_trainable(model, config, device)
     pad = tokenizer.pad_token_id
 
     def micro_batch_loss(train_model, idx):
@@ -365,7 +379,7 @@ def hf_finetune(config: HFFinetuneConfig, device=None, output_dir=None, progress
     with loop.locked_output(out, writer, clear_checkpoints=overwrite and resume_from is None) as ready:
         if on_ready is not None:
             on_ready()
-        trainee = _trainee(config, device, encoded, tokenizer, fingerprints)
+        trainee = _trainee(config, device, encoded, tokenizer, fingerprints, fsdp)
         ready()
         return _run(config, trainee, tokenizer, examples, encoded, device, out, resumed, stop_after,
                     progress, evaluate, max_new_tokens, rank, world, fsdp)
@@ -380,15 +394,18 @@ def _run(config, trainee, tokenizer, examples, encoded, device, out, resumed, st
          evaluate, max_new_tokens, rank, world, fsdp=False) -> FinetuneResult:
     """Evaluate, train with the shared loop, evaluate again, write the outputs (rank 0).
 
-    With ``fsdp`` the trained model is sharded, so every rank scores it after
-    training (the same forwards; rank 0 keeps the scores).
+    With ``fsdp`` the model is sharded (already before training, when
+    :func:`~qlora_ref.distributed.load_sharded` loaded it), so every rank runs
+    the scoring forwards, before and after; rank 0 keeps the scores.
     """
     model = trainee.model
     params = trainable_parameters(model)
     evaluated = encoded[:config.eval_size]
     shown = _shown_examples(examples, tokenizer) if evaluate and (rank == 0 or fsdp) else []
-    scored = evaluate and rank == 0
-    before = _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) if scored else {}
+    before = _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) \
+        if evaluate and (rank == 0 or fsdp) else {}
+    if rank != 0:
+        before = {}
     state = loop.train(trainee, config, device, out, resumed, stop_after, progress, rank, world,
                        fsdp)
     after = _scores(model, tokenizer, evaluated, shown, device, config, max_new_tokens) \

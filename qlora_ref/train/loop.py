@@ -63,6 +63,7 @@ __all__ = ["Trainee", "TrainState", "FinetuneResult", "TrainingDiverged", "train
            "check_output_dir", "locked_output", "read_resume", "make_trainable", "batch_indices",
            "resolve_device", "check_stop_after", "distributed", "compute_dtype", "save_checkpoint",
            "check_resumable", "restore_checkpoint", "progress_bar", "check_fsdp", "whole_adapters",
+           "prepare_kwargs",
            "RESULTS"]
 
 #: What a finished run leaves in its output folder: a new run into it is refused without
@@ -202,13 +203,18 @@ def make_trainable(model: torch.nn.Module, config: FinetuneConfig, device) -> to
     """Full fine-tuning: every weight in float32 trains. Else quantize the base and add LoRA."""
     if config.full_finetune:  # float32 master weights; the matmuls run in bf16 autocast on CUDA
         return model.float().requires_grad_(True).to(device)
-    return prepare_model(
-        model, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    return prepare_model(model, **prepare_kwargs(config, device)).to(device)
+
+
+def prepare_kwargs(config: FinetuneConfig, device) -> dict:
+    """The keyword arguments of :func:`qlora_ref.prepare_model` that ``config`` asks for."""
+    return dict(
+        r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         quant_type=config.bnb_4bit_quant_type if config.quant_bits == 4 else None,
         double_quant=config.bnb_4bit_use_double_quant, quant_bits=config.quant_bits,
         compute_dtype=compute_dtype(config, torch.device(device)) if config.quant_bits != 16 else None,
-        init=config.init_lora_weights).to(device)
+        init=config.init_lora_weights)
 
 
 def batch_indices(step: int, micro: int, config: FinetuneConfig, rank: int, world: int) -> np.ndarray:
@@ -590,9 +596,12 @@ def train(trainee: Trainee, config: FinetuneConfig, device, out: Optional[Path] 
     """
     model = trainee.model
     if fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
         from ..distributed import shard_model
 
-        shard_model(model)  # in place: trainee.model is now an FSDPModule
+        if not isinstance(model, FSDPModule):  # load_sharded already gave a sharded model
+            shard_model(model)  # in place: trainee.model is now an FSDPModule
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, name=config.optim, lr=config.learning_rate,
                                weight_decay=config.weight_decay)
