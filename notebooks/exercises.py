@@ -855,46 +855,9 @@ def verify_requantize_error(fn) -> None:
 import math  # noqa: E402 - this section's own import (the file is appended to, section by section)
 
 
-class _QloraRefCalled(AssertionError):
-    """The student's function called into qlora_ref while a check ran it."""
-
-
 def _without_qlora_ref(fn, *args):
-    """``fn(*args)``; ``AssertionError`` if any code of the ``qlora_ref`` package ran meanwhile.
-
-    A profiler (``sys.setprofile``) sees every Python call and every call of a
-    compiled function: one whose code lies in the package's folder, or whose
-    ``__module__`` is ``qlora_ref...`` (the Cython kernels), is recorded and
-    stopped. The record decides, so catching the error does not help.
-    """
-    import sys
-
-    spec = importlib.util.find_spec("qlora_ref")
-    root = os.path.join(os.path.dirname(os.path.realpath(spec.origin)), "")
-    calls = []
-
-    def profiler(frame, event, arg):
-        if event == "call" and os.path.realpath(frame.f_code.co_filename).startswith(root):
-            name = frame.f_code.co_name
-        elif event == "c_call" and str(getattr(arg, "__module__", None) or "").startswith("qlora_ref"):
-            name = getattr(arg, "__name__", "?")
-        else:
-            return
-        calls.append(name)
-        raise _QloraRefCalled(name)
-
-    previous = sys.getprofile()
-    sys.setprofile(profiler)
-    try:
-        result = fn(*args)
-    except _QloraRefCalled:
-        result = None
-    finally:
-        sys.setprofile(previous)
-    if calls:
-        raise AssertionError(f"your function calls into qlora_ref ({calls[0]}); write it with "
-                             "torch alone -- the package is what the check compares with")
-    return result
+    """``fn(*args)`` with the whole package switched off: :func:`_forbidding` over ``qlora_ref``."""
+    return _forbidding(fn, args, forbid=("qlora_ref",))
 
 
 def _replay_model(logits):

@@ -58,7 +58,7 @@ def test_perplexity_check_rejects_wrong_answers(wrong):
 
 
 def test_perplexity_check_rejects_calling_the_package():
-    assert "calls into qlora_ref" in rejected(exercises.verify_perplexity_from_logits,
+    assert "calls qlora_ref" in rejected(exercises.verify_perplexity_from_logits,
                                               ppl_through_the_package)
 
 
@@ -94,7 +94,7 @@ def test_lora_check_rejects_wrong_answers(wrong):
 
 
 def test_lora_check_rejects_calling_the_package():
-    assert "calls into qlora_ref" in rejected(exercises.verify_lora_parameters,
+    assert "calls qlora_ref" in rejected(exercises.verify_lora_parameters,
                                               lora_through_the_package)
 
 
@@ -126,7 +126,7 @@ def test_completion_loss_check_rejects_wrong_answers(wrong):
 
 
 def test_completion_loss_check_rejects_calling_the_package():
-    assert "calls into qlora_ref" in rejected(exercises.verify_completion_loss_from_logits,
+    assert "calls qlora_ref" in rejected(exercises.verify_completion_loss_from_logits,
                                               loss_through_the_package)
 
 
@@ -141,7 +141,7 @@ def test_catching_the_guard_does_not_help():
             return ppl_through_the_package(logits, ids)
         except AssertionError:
             return ppl_through_the_package(logits, ids)   # the profiler is off now
-    assert "calls into qlora_ref" in rejected(exercises.verify_perplexity_from_logits, sly)
+    assert "calls qlora_ref" in rejected(exercises.verify_perplexity_from_logits, sly)
 
 
 def test_placeholder_is_not_done():
