@@ -83,24 +83,9 @@ def runs(tmp_path_factory):
 
 def _tiny_llama(folder: Path) -> Path:
     """The tiny Llama of ``tests/test_hf_finetune.py`` (its words, its sizes), saved in ``folder``."""
-    from test_hf_finetune import WORDS
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from test_hf_finetune import save_tiny_llama
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([WORDS], trainers.WordLevelTrainer(
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, initializer_range=0.02)  # transformers' default, as before
 
 
 def adapter(folder: Path) -> dict:

@@ -47,13 +47,15 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama and its tokenizer, saved as a Hugging Face model folder."""
+def save_tiny_llama(folder: Path, initializer_range: float = 0.25) -> Path:
+    """A tiny Llama and its word-level tokenizer (the words of :data:`WORDS`), saved in ``folder``.
+
+    ``initializer_range`` 0.25, not transformers' 0.02: the frozen output head
+    must allow confident logits for the fine-tune to learn the completions.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([WORDS], trainers.WordLevelTrainer(
@@ -63,13 +65,18 @@ def model_dir(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, initializer_range=0.25,
-                         # (0.25, not 0.02: the frozen output head must allow confident logits)
+                         max_position_embeddings=64, initializer_range=initializer_range,
                          bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer, saved as a Hugging Face model folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
