@@ -16,16 +16,29 @@ Two tables, on one thread (torch's and the kernels'), best of ``repeat``:
   and with a Llama built from a config (no download), in float32, in
   bfloat16 (Llama) and prepared with NF4 (:func:`qlora_ref.prepare_model`).
 
-Every setting changed (torch's threads, ``QLORA_REF_NUM_THREADS``) is restored.
+With ``--model DIR`` (or ``--model smollm2``, the optional extra), the
+table of :func:`real_model_table` instead: greedy decoding of a real model
+after a chat prompt on 1 and 2 threads, ours (NF4 + double quantization, a
+LoRA adapter attached, bfloat16) against bitsandbytes' 4-bit model with the
+same settings and the model in float32 and bfloat16, with the bytes each
+token reads, the copy rate measured in the same run and the share of the
+bandwidth limit (copy rate / bytes per token) each way reaches.
+
+Every setting changed (torch's and libgomp's threads, ``QLORA_REF_NUM_THREADS``) is restored.
 """
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+
+import numpy as np
 
 from .table import say_table
-from .timing import best_seconds, process_settings
+from .timing import best_seconds, omp_set_num_threads, process_settings
 
-__all__ = ["layer_rows", "model_rows", "generate_table"]
+__all__ = ["layer_rows", "model_rows", "generate_table", "real_model_rows", "real_model_table",
+           "copy_rate"]
 
 
 def layer_rows(size: int = 4096, tokens=(1, 8), repeat: int = 11, seed: int = 0) -> list[dict]:
@@ -122,4 +135,156 @@ def generate_table(fmt: str = "text", say=print, size: int = 4096, repeat: int =
         if body:
             say(f"generate ({table}), 1 thread, best of {repeat}; speed relative to float32")
             say_table(say, ["what", "way", "time", "vs float32"], body, fmt)
+    return rows
+
+
+# -- a real model: SmolLM2-135M-Instruct ---------------------------------------------------
+#: The chat prompt every arm of :func:`real_model_rows` continues.
+PROMPT = "Explain in one paragraph why the sky is blue."
+
+
+def _fourbit_bytes(model) -> int:
+    """Bytes one token reads from the 4-bit linear layers (codes and constants) of ``model``.
+
+    Ours: :attr:`qlora_ref.nn.Linear4bit.nbytes`; bitsandbytes: the packed
+    weight plus its ``quant_state``'s tensors (absmax, nested absmax, ...).
+    """
+    from qlora_ref.nn import Linear4bit
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            total += module.nbytes
+        elif Linear4bit.is_bitsandbytes_layer(module):
+            state = module.weight.quant_state
+            total += module.weight.numel() * module.weight.element_size()
+            total += state.absmax.numel() * state.absmax.element_size()
+            if getattr(state, "state2", None) is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
+    return total
+
+
+def _head_bytes(model) -> int:
+    head = model.get_output_embeddings().weight
+    return head.numel() * head.element_size()
+
+
+def _dense_linear_bytes(model) -> int:
+    """Bytes of the weights of the plain ``nn.Linear`` layers (the head included)."""
+    import torch
+
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if type(m) is torch.nn.Linear)
+
+
+def copy_rate(nbytes: int = 1 << 28, repeat: int = 5) -> float:
+    """Bytes per second ``np.copyto`` moves between two page-aligned buffers (bytes of the source)."""
+    from .storage import _copy_buffers
+
+    src, dst = _copy_buffers(nbytes)
+    return nbytes / best_seconds(lambda: np.copyto(dst, src), repeat)
+
+
+def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 3, r: int = 16,
+                    say=None) -> list[dict]:
+    """Tokens per second of greedy decoding with a Hugging Face folder, four ways, arms alternated.
+
+    Ways: ours (:func:`qlora_ref.prepare_model`, NF4 + double quantization,
+    an ``r``-rank adapter attached and not merged, bfloat16 model and
+    compute), bitsandbytes' 4-bit model with the same settings
+    (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)``,
+    its default CPU path), and the model in float32 and in bfloat16. Each
+    row continues the same chat prompt by ``new_tokens`` greedy tokens
+    (``min_new_tokens`` = ``max_new_tokens``), batch 1. For each thread
+    count the ways take turns ``repeat`` times; the best time is kept.
+
+    ``bytes_per_token`` is what one token reads from the linear weights
+    (4-bit codes and constants, or 16/32-bit weights) plus the head; the
+    bandwidth limit is ``copy rate / bytes_per_token``, with the copy rate
+    measured in the same run (:func:`copy_rate`, one thread).
+    """
+    import copy
+    import time
+
+    import torch
+    import transformers
+
+    import qlora_ref
+
+    say = say or (lambda *a: None)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    f32 = load(folder, dtype=torch.float32).eval()
+    bf16 = load(folder, dtype=torch.bfloat16).eval()
+    ours = qlora_ref.prepare_model(copy.deepcopy(bf16), r=r,
+                                   compute_dtype=torch.bfloat16).eval()
+    models = {"ours (NF4 + DQ, LoRA r=%d, bf16)" % r: ours}
+    try:
+        bnb_config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        models["bitsandbytes 4-bit (NF4 + DQ, bf16)"] = load(
+            folder, dtype=torch.bfloat16, quantization_config=bnb_config).eval()
+    except Exception as exc:  # noqa: BLE001  (bitsandbytes missing or refusing the CPU)
+        say(f"bitsandbytes 4-bit model not measured: {type(exc).__name__}: {exc}")
+    models["float32"] = f32
+    models["bfloat16"] = bf16
+    nbytes = {}
+    for way, model in models.items():
+        fourbit = _fourbit_bytes(model)
+        nbytes[way] = fourbit + (_head_bytes(model) if fourbit else _dense_linear_bytes(model))
+    set_omp = omp_set_num_threads()
+    rows = []
+    for t in threads:
+        os.environ["QLORA_REF_NUM_THREADS"] = str(t)
+        torch.set_num_threads(t)
+        set_omp(t)
+        rate = copy_rate()
+        best = {way: math.inf for way in models}
+        with torch.no_grad():
+            for way, model in models.items():  # warm-up: first calls, repacking, caches
+                model.generate(**prompt, max_new_tokens=2, do_sample=False)
+            for _ in range(repeat):
+                for way, model in models.items():  # interleaved: load changes hit all ways
+                    start = time.perf_counter()
+                    out = model.generate(**prompt, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, do_sample=False)
+                    best[way] = min(best[way], time.perf_counter() - start)
+                    assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
+        for way in models:
+            tps = new_tokens / best[way]
+            limit = rate / nbytes[way]
+            rows.append({"table": "real", "threads": t, "way": way, "seconds": best[way],
+                         "tokens_per_s": tps, "bytes_per_token": nbytes[way],
+                         "copy_rate": rate, "limit_tokens_per_s": limit,
+                         "percent_of_limit": 100 * tps / limit})
+    return rows
+
+
+def real_model_table(folder, fmt: str = "text", say=print, new_tokens: int = 32,
+                     threads=(1, 2), repeat: int = 3) -> list[dict]:
+    """Measure :func:`real_model_rows`, print the table (with the load average), return the rows."""
+    if not Path(str(folder)).is_dir():  # from_pretrained would take it for a Hub name
+        raise FileNotFoundError(f"--model {folder}: not a folder (a Hugging Face model folder, "
+                                "or smollm2)")
+    with process_settings():
+        load = os.getloadavg()
+        rows = real_model_rows(folder, new_tokens=new_tokens, threads=threads, repeat=repeat,
+                               say=say)
+    body = []
+    for r in rows:
+        ref = {x["way"]: x["tokens_per_s"] for x in rows if x["threads"] == r["threads"]}
+        body.append([str(r["threads"]), r["way"], f"{r['tokens_per_s']:.1f}",
+                     f"{r['tokens_per_s'] / ref.get('bfloat16', math.nan):.2f}x",
+                     f"{r['bytes_per_token'] / 1e6:.1f} MB", f"{r['copy_rate'] / 1e9:.1f} GB/s",
+                     f"{r['limit_tokens_per_s']:.0f}", f"{r['percent_of_limit']:.0f}%"])
+    say(f"generate ({Path(str(folder)).name}): {new_tokens} greedy tokens after a chat prompt, "
+        f"batch 1, best of {repeat} (ways interleaved); load average before "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    say_table(say, ["threads", "way", "tokens/s", "vs bf16", "bytes/token", "copy rate",
+                    "limit tok/s", "% of limit"], body, fmt)
     return rows

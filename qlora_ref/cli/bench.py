@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the generate table instead: decoding speed of a 4096x4096 layer "
                              "(1 and 8 tokens) and of two small models, 4-bit vs 16/32-bit, "
                              "on one thread (see qlora_ref/bench/generate.py)")
+    parser.add_argument("--model", default=None, metavar="DIR|smollm2",
+                        help="with --generate: greedy decoding of this Hugging Face model "
+                             "(32 tokens, 1 and 2 threads) ours 4-bit vs bitsandbytes 4-bit, "
+                             "float32 and bfloat16, with bytes per token and the bandwidth limit")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="do not set glibc to reuse heap memory: outputs may be new, "
                              "page-faulted memory (as in a fresh process)")
@@ -71,9 +75,14 @@ def main(args=None) -> int:
         check_int_range(args.contention, "--contention (busy processes)", 0, MAX_THREADS)
         contention_table(busy=args.contention, fmt=args.format)
         return 0
+    if getattr(args, "model", None) is not None and not args.generate:
+        raise ValueError("--model is for the decoding table: add --generate")
     if args.generate:
-        from ..bench.generate import generate_table
+        from ..bench.generate import generate_table, real_model_table
 
+        if args.model is not None:
+            real_model_table(args.model, fmt=args.format, repeat=3 if args.quick else args.repeat)
+            return 0
         generate_table(fmt=args.format, repeat=3 if args.quick else max(args.repeat, 5),
                        size=1024 if args.quick else 4096)
         return 0

@@ -37,6 +37,8 @@ imported bytes unchanged by :meth:`Linear4bit.from_bitsandbytes_layer`.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -101,6 +103,7 @@ class Linear4bit(QuantizedLinear):
         self.double_quant = bool(double_quant)
         self._validated = None  # the buffers' identity when last checked (see dequantize)
         self._absmax_key = self._absmax_cache = None  # float32 constants (matmul_few_rows)
+        self._plan = None  # the fused kernel's inputs (fused_plan)
         n = self.weight_numel
         n_blocks = -(-n // self.blocksize)
         zeros = lambda size, dtype: torch.zeros(size, dtype=dtype, device=device)  # noqa: E731
@@ -303,24 +306,75 @@ class Linear4bit(QuantizedLinear):
         must not be summed in float32), the extension is built
         and the CPU has a vector path (AVX2 or AVX-512; the portable loop
         would be slower than dequantize + matmul), and rows of ``W`` are whole
-        blocks (``in_features % blocksize == 0``).
+        blocks (``in_features % blocksize == 0``): see :meth:`fused_plan`.
         """
         rows = x.numel() // self.in_features
         if (not 1 <= rows <= self.FUSED_MAX_ROWS or x.dtype == torch.float64
-                or x.device.type != "cpu"
-                or self.packed.device.type != "cpu" or self.in_features % self.blocksize
-                or resolve_torch_backend(None, x.device) != "cython"
-                or kernels().simd_level() == "portable"):
+                or x.device.type != "cpu"):
             return None
-        self._validate_if_changed()
+        plan = self.fused_plan()
+        if plan is None:
+            return None
         x32 = x.reshape(rows, self.in_features).to(torch.float32).contiguous()  # (rows, in)
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)             # (rows, out)
-        kernels().gemv_4bit(self._as_numpy("packed"), self._absmax_float32(), self.code.numpy(),
-                            self.blocksize, x32.numpy(), y.numpy(),
-                            default_num_threads(self.weight_numel))
+        y = self.fused_matmul(x32, plan)                                          # (rows, out)
         if bias is not None:
             y += bias.to(torch.float32)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def fused_plan(self) -> SimpleNamespace | None:
+        """What the fused kernel reads, checked and prepared once per change of the buffers.
+
+        None where the kernel does not apply to this layer (a buffer off the
+        CPU, ``in_features % blocksize``, the extension not built or forced
+        off by ``QLORA_REF_BACKEND``, no vector path, FSDP2 parameters).
+
+        Note (validated once): a decoded token calls every layer once, and
+        re-checking the buffers (:meth:`_validate_if_changed`: every buffer's
+        device, address and version through ``nn.Module.__getattr__``) and
+        re-making their NumPy views cost about as much as the kernel on
+        SmolLM2's layers. The plan keeps the buffer tensors it was made from
+        and their versions; it is reused while the layer still holds those
+        very tensors, unwritten (``load_state_dict`` and ``copy_`` bump the
+        version, ``.to()`` replaces them) and ``QLORA_REF_BACKEND`` is unchanged.
+        """
+        plan, buffers = self._plan, self._buffers
+        forced = os.environ.get("QLORA_REF_BACKEND")
+        if plan is not None and plan.forced == forced and all(
+                buffers.get(name) is t and t._version == v for name, t, v in plan.watch):
+            return plan.fused
+        self._validate_if_changed()  # raises on bad buffers, as the other paths do
+        watch = tuple((name, t, t._version) for name, t in buffers.items() if t is not None)
+        fused = None
+        if (self.packed.device.type == "cpu" and not self.in_features % self.blocksize
+                and not any(name in self._parameters for name in self.SHARDABLE)
+                and resolve_torch_backend(None, self.packed.device) == "cython"
+                and kernels().simd_level() != "portable"):
+            fused = SimpleNamespace(packed=self.packed.numpy(),
+                                    absmax=self._absmax_float32(), code=self.code.numpy(),
+                                    blocksize=self.blocksize)
+        self._plan = SimpleNamespace(forced=forced, watch=watch, fused=fused)
+        return fused
+
+    def fused_matmul(self, x32: torch.Tensor, plan: SimpleNamespace) -> torch.Tensor:
+        r""":math:`\mathbf X\hat{\mathbf W}^\top` in float32 for ``x32`` ``(rows, in)`` float32 contiguous; no checks.
+
+        The kernel call of :meth:`matmul_few_rows` alone, for callers that hold
+        a :meth:`fused_plan` and have checked ``x32`` (the lean decoding path
+        of :class:`~qlora_ref.nn.LoRALinear`). Returns ``(rows, out)`` float32.
+        """
+        y = torch.empty(x32.shape[0], self.out_features, dtype=torch.float32)  # (rows, out)
+        kernels().gemv_4bit(plan.packed, plan.absmax, plan.code, plan.blocksize, x32.numpy(), y.numpy(),
+                  default_num_threads(self.weight_numel))
+        return y
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_plan"] = None  # copies and pickles leave the plan behind (views of this layer)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._plan = None  # moved or cast: the plan's tensors are not the layer's any more
+        return super()._apply(fn, recurse)
 
     def _absmax_float32(self) -> np.ndarray:
         """The first-level constants as float32 (double-dequantized once per change of the buffers)."""

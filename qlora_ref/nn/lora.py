@@ -262,12 +262,52 @@ class LoRALinear(nn.Module):
         xc = x.to(compute_dtype)
         p = self.lora_dropout if self.training else 0.0
         if p == 0 and not torch.is_grad_enabled():  # generation: no backward to prepare for
+            out = self._decode(xc)
+            if out is not None:
+                return out.to(x.dtype)
             return qlora_inference(xc, self.base_layer, self.base_layer.bias, self.lora_A,
                                    self.lora_B, self.scaling).to(x.dtype)
         # shapes are the layer's own (checked when it was built): straight to the function
         out = QLoRAMatmul.apply(xc, self.base_layer, self.base_layer.bias, self.lora_A,
                                 self.lora_B, self.scaling, dropout_mask(xc, p), p)
         return out.to(x.dtype)
+
+    def _decode(self, xc: torch.Tensor) -> torch.Tensor | None:
+        r"""The lean decoding path: :math:`\mathbf Y = \mathbf X\hat{\mathbf W}^\top + \mathbf b + s\,(\mathbf X\mathbf A^\top)\mathbf B^\top` in float32, rounded once.
+
+        Taken by :meth:`forward` without a gradient or dropout, for a 4-bit
+        base whose fused kernel applies (:meth:`~qlora_ref.nn.Linear4bit.fused_plan`,
+        checked once per change of the buffers) and at most
+        :data:`~qlora_ref.nn.Linear4bit.FUSED_MAX_ROWS` rows of ``xc`` (the
+        input in the compute dtype); None otherwise, and the readable twin
+        :func:`~qlora_ref.nn.qlora_inference` runs.
+
+        Note (one rounding): the twin rounds the base output, the adapters
+        and each product to the compute dtype; here everything after the
+        input is float32 (the adapters are float32 parameters), added in
+        place and rounded to ``xc.dtype`` once. With a float32 compute dtype
+        the two differ only in the order of float32 sums; in bfloat16 this
+        path is the more accurate one (``tests/test_fast_decode.py`` checks both bounds).
+        Per call it costs the kernel plus about five small torch calls, where
+        the twin's checks, dispatch and bfloat16 adapter casts cost about as
+        much as the kernel again on SmolLM2's layers.
+        """
+        base = self.base_layer
+        plan_of = getattr(base, "fused_plan", None)
+        rows = xc.numel() // self.in_features
+        if (plan_of is None or not 1 <= rows <= base.FUSED_MAX_ROWS
+                or xc.dtype == torch.float64 or xc.device.type != "cpu"):
+            return None
+        plan = plan_of()
+        if plan is None:
+            return None
+        x32 = xc.reshape(rows, self.in_features).to(torch.float32).contiguous()  # (rows, in)
+        y = base.fused_matmul(x32, plan)                                          # (rows, out)
+        h = x32 @ self.lora_A.to(torch.float32).t()                               # (rows, r)
+        y.addmm_(h, self.lora_B.to(torch.float32).t(), alpha=self.scaling)        # + s h B^T
+        if base.bias is not None:
+            y += base.bias.to(torch.float32)
+        return y.reshape(*xc.shape[:-1], self.out_features).to(xc.dtype)
 
     def _merged_forward(self, x):
         if self.merged_weight is None:  # 16-bit base: merged in place
