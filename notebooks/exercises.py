@@ -650,15 +650,8 @@ def verify_qlora_gb(fn) -> None:
             f"qlora_ref.memory counts {counted:.6f} GB")
 
 
-def _largest_rank_counted(budget_gb: float, activation_bytes: int) -> int:
-    """The largest r (0 if none) with LLaMA-65B's QLoRA memory at most ``budget_gb``, by bisection."""
-    from qlora_ref import memory
-
-    def fits(r):
-        lora = memory.lora_param_count(**memory.LLAMA_65B, r=r)
-        table = memory.finetune_memory(65e9, "qlora", lora_params=lora, activation_bytes=activation_bytes)
-        return table.total_bytes <= budget_gb * 1e9
-
+def _largest_that_fits(fits) -> int:
+    """The largest integer n >= 1 with ``fits(n)`` (0 if not even 1 fits); ``fits`` must be monotone."""
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -668,6 +661,18 @@ def _largest_rank_counted(budget_gb: float, activation_bytes: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def _largest_rank_counted(budget_gb: float, activation_bytes: int) -> int:
+    """The largest r (0 if none) with LLaMA-65B's QLoRA memory at most ``budget_gb``, by bisection."""
+    from qlora_ref import memory
+
+    def fits(r):
+        lora = memory.lora_param_count(**memory.LLAMA_65B, r=r)
+        table = memory.finetune_memory(65e9, "qlora", lora_params=lora, activation_bytes=activation_bytes)
+        return table.total_bytes <= budget_gb * 1e9
+
+    return _largest_that_fits(fits)
 
 
 def verify_largest_rank(fn) -> None:
@@ -692,15 +697,7 @@ def _longest_sequence_counted(n_params, n_lora, shape, budget_gb, gradient_check
                                        gradient_checkpointing=gradient_checkpointing)
         return table.total_bytes <= budget_gb * 1e9
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:                                   # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return _largest_that_fits(fits)
 
 
 def _sequence_cases():

@@ -34,11 +34,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import qlora_ref
 from qlora_ref import _atomic
-from qlora_ref.cli import main
 from qlora_ref.nn import load_adapter, prepare_model, save_adapter
 from qlora_ref.quant_state import QuantState
 from qlora_ref import quantize_4bit
 from qlora_ref.train import checkpoint as ckpt
+from test_checkpoints import cli, one_line  # the same in-process CLI helpers
 
 PACKAGE = Path(qlora_ref.__file__).resolve().parent
 
@@ -57,20 +57,6 @@ def no_hang(seconds: int = 10):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    return lines[0]
 
 
 def hostile(path: Path, kind: str) -> Path:
