@@ -5,7 +5,9 @@ Writing a file: a temporary file beside the target (created with
 fsync, ``os.replace``, fsync of the folder. A kill, a crash or a full disk in
 the middle leaves the previous file as it was (or no file), never a torn one
 at the final name, and a symlink at the final name is replaced, not written
-through. Every file the package writes for a user goes through
+through. A temporary file a killed writer left (``.STEM.tmp-PID-TAG.SUFFIX``,
+its tag a hash of the name and pid, so only names this module gives match)
+is removed by the next write of the same file. Every file the package writes for a user goes through
 :func:`atomic_file` / :func:`atomic_path` / :func:`write_atomic`.
 
 Writing a folder (an adapter, a checkpoint): :func:`atomic_directory` yields
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import io
 import json
 import os
@@ -66,7 +69,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["write_atomic", "atomic_path", "atomic_file", "atomic_directory",
+__all__ = ["regular_file_path", "write_atomic", "atomic_path", "atomic_file", "atomic_directory",
            "replace_directory_atomically", "recover_directory", "complete_directory",
            "is_temporary_directory", "is_marker_part",
            "read_regular_file", "open_regular_file", "check_regular_file", "refuse_inside_package",
@@ -159,6 +162,22 @@ def open_regular_file(path, what: str = "file", follow_symlinks: bool = True) ->
         raise
 
 
+@contextlib.contextmanager
+def regular_file_path(path, what: str = "file", follow_symlinks: bool = True):
+    """Yield a path naming exactly the regular file ``path`` names now, to hand to a library.
+
+    Libraries (``safetensors.safe_open``, ``load_file``) open by name, so a
+    check before them leaves a gap: a FIFO swapped in between would block the
+    library's open. Here the file is opened once with :func:`open_regular_file`
+    (never blocks, checked on the descriptor) and the library is given
+    ``/proc/self/fd/N``, which reopens that very file, whatever ``path`` names
+    by then. Where ``/proc`` is missing the checked ``path`` itself is yielded.
+    """
+    with open_regular_file(path, what, follow_symlinks) as f:
+        by_descriptor = f"/proc/self/fd/{f.fileno()}"
+        yield by_descriptor if os.path.exists(by_descriptor) else os.fspath(path)
+
+
 def read_regular_file(path, max_bytes: int, what: str = "file",
                       follow_symlinks: bool = True) -> bytes:
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them.
@@ -219,11 +238,63 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
+#: How many names :func:`_create_temp` tries before giving up.
+_TEMP_TRIES = 100
+
+
+def _temp_name(path: Path, pid: int, attempt: int) -> Path:
+    """``.STEM.tmp-PID-TAG.SUFFIX``: TAG is a hash of the final name, the pid and the attempt.
+
+    The tag is not random: it lets a later writer recognise a temporary file
+    that this module wrote (and a killed process left) and tell it from a
+    user's file that merely looks like one.
+    """
+    tag = hashlib.sha256(f"qlora_ref temp {path.name} {pid} {attempt}".encode()).hexdigest()[:8]
+    return path.with_name(f".{path.stem}.tmp-{pid}-{tag}{path.suffix}")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files of ``path`` that a killed writer left (none of a live one).
+
+    Deleted only if all hold: the name is exactly one :func:`_temp_name`
+    gives for ``path`` (tag included), its pid is not this process and no
+    process has it, it is a regular file (not a symlink) and it belongs to
+    this user. Anything else beside ``path`` is left alone.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.tmp-(\d{{1,10}})-[0-9a-f]{{8}}"
+                         rf"{re.escape(path.suffix)}")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if not 0 < pid < 2**31 or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if entry.name not in {_temp_name(path, pid, k).name for k in range(_TEMP_TRIES)}:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.parent / entry.name)
+
+
 def _create_temp(path: Path) -> tuple[Path, int]:
-    """A new empty file beside ``path``, never through a symlink: (its path, an open descriptor)."""
+    """A new empty file beside ``path``, never through a symlink: (its path, an open descriptor).
+
+    Temporary files of ``path`` left by a killed writer are removed first
+    (:func:`_remove_stale_temps`).
+    """
+    _remove_stale_temps(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    for attempt in range(_TEMP_TRIES):
+        tmp = _temp_name(path, os.getpid(), attempt)
         try:
             return tmp, os.open(tmp, flags, 0o644)
         except FileExistsError:

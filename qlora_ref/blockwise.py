@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import as_float32_flat, check_code, check_positive_int
+from .validation import as_float32_flat, check_code, check_finite_values, check_positive_int
 
 __all__ = ["ABSMAX_FLOOR", "block_absmax", "nearest_code", "decision_boundaries",
-           "quantize_blockwise", "dequantize_blockwise"]
+           "quantize_blockwise", "scale_by_block", "dequantize_blockwise"]
 
 #: Floor on c_b before 1/c_b (matches bitsandbytes: ``absmax.clamp(min=1e-38)``).
 ABSMAX_FLOOR = np.float32(1e-38)
@@ -161,9 +161,25 @@ def quantize_blockwise(x: np.ndarray, code: np.ndarray, blocksize: int
     return codes.reshape(shape), absmax
 
 
+def scale_by_block(values: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndarray:
+    r"""The multiply every dequantization ends with: :math:`\hat x_i = v_i \cdot c_b`, float32.
+
+    ``values`` are code values (``code[q]``, in [-1, 1]), ``absmax`` one float32
+    constant per block of ``blocksize``. No checks: this is exactly what the
+    kernels compute; :func:`dequantize_blockwise` checks its arguments first.
+    """
+    scaled = _blocks(values, blocksize) * absmax[:, None]             # (n_blocks, blocksize)
+    return scaled.reshape(-1)[: values.size]                          # (n,)
+
+
 def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray,
                          blocksize: int) -> np.ndarray:
-    r"""Invert :func:`quantize_blockwise`: :math:`\hat x_i = \text{code}[q_i] \cdot c_b`, float32."""
+    r"""Invert :func:`quantize_blockwise`: :math:`\hat x_i = \text{code}[q_i] \cdot c_b`, float32.
+
+    A NaN or infinite constant is refused (``ValueError`` naming ``absmax``):
+    it would turn its whole block into NaN or infinity without an error, and
+    :func:`quantize_blockwise` never writes one for finite input.
+    """
     codes = np.asarray(codes)
     blocksize = check_positive_int(blocksize, "blocksize")
     code = check_code(code, max_size=256)
@@ -174,8 +190,8 @@ def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray
     if absmax.dtype != np.float32 or absmax.shape != (n_blocks,):
         raise ValueError(f"absmax must hold {n_blocks} float32 values (one per block of "
                          f"{blocksize}); got shape {absmax.shape} of {absmax.dtype}")
+    check_finite_values(absmax, "absmax")
     if int(codes.max()) >= code.size:
         raise ValueError(f"codes index up to {int(codes.max())}, but the code has {code.size} values")
     values = code[codes.reshape(-1)]                                  # (n,) in [-1, 1]
-    scaled = _blocks(values, blocksize) * absmax[:, None]             # (n_blocks, blocksize)
-    return scaled.reshape(-1)[: codes.size].reshape(codes.shape)
+    return scale_by_block(values, absmax, blocksize).reshape(codes.shape)

@@ -47,6 +47,7 @@ import numpy as np
 
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .codebooks import dynamic_code
+from .validation import check_finite_values
 
 __all__ = ["NESTED_BLOCKSIZE", "double_quantize", "double_dequantize"]
 
@@ -82,5 +83,8 @@ def double_dequantize(absmax_codes: np.ndarray, nested_absmax: np.ndarray, offse
     ``nested_code`` is the 8-bit table the codes index (default: :func:`dynamic_code`).
     """
     code = dynamic_code() if nested_code is None else nested_code
+    check_finite_values(nested_absmax, "nested_absmax")     # a NaN would spread over 256 blocks
+    with np.errstate(over="ignore"):                        # 1e39 is infinite in float32
+        check_finite_values(np.float32(offset), "offset")
     centered = dequantize_blockwise(absmax_codes, nested_absmax, code, nested_blocksize)
     return centered + np.float32(offset)  # float32 add, as bitsandbytes' `absmax += offset`

@@ -34,7 +34,7 @@ import numpy as np
 
 from ._atomic import atomic_file, open_regular_file
 from .dtypes import FLOAT_DTYPES
-from .validation import QUANT_TYPES, VALID_BLOCKSIZES
+from .validation import QUANT_TYPES, VALID_BLOCKSIZES, check_finite_values
 
 __all__ = ["QuantState"]
 
@@ -72,16 +72,8 @@ def _layout(shape: tuple, blocksize: int, double_quant: bool, nested_blocksize) 
 
 
 def _check_values(name: str, array: np.ndarray, low=None, high=None) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN/inf or leaves [low, high]."""
-    if not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise ValueError(f"QuantState.{name} holds {bad} NaN or infinite value(s)")
-    if array.size and low is not None and array.min() < low:
-        raise ValueError(f"QuantState.{name} holds negative values (min {array.min()!r}); "
-                         f"they must be >= {low}")
-    if array.size and high is not None and np.abs(array).max() > high:
-        raise ValueError(f"QuantState.{name} holds values outside [-{high}, {high}] "
-                         f"(max |value| {np.abs(array).max()!r})")
+    """:func:`~qlora_ref.validation.check_finite_values` with the field named ``QuantState.name``."""
+    check_finite_values(array, f"QuantState.{name}", low=low, high=high)
 
 
 @dataclasses.dataclass(eq=False)

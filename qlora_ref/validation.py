@@ -124,6 +124,25 @@ def check_code(code, max_size: int = 256) -> np.ndarray:
     return array
 
 
+def check_finite_values(array, name: str, low=None, high=None) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN/inf or leaves [low, high].
+
+    ``low`` bounds the values from below; ``high`` bounds their magnitude
+    (``|value| <= high``). Reads every value once: meant for the per-block
+    constants and code tables (O(n / blocksize)), not for the data itself.
+    """
+    array = np.asarray(array)
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"{name} holds {bad} NaN or infinite value(s)")
+    if array.size and low is not None and array.min() < low:
+        raise ValueError(f"{name} holds negative values (min {array.min()!r}); "
+                         f"they must be >= {low}")
+    if array.size and high is not None and np.abs(array).max() > high:
+        raise ValueError(f"{name} holds values outside [-{high}, {high}] "
+                         f"(max |value| {np.abs(array).max()!r})")
+
+
 #: The most threads a kernel call may ask for (libgomp aborts the process when it
 #: cannot create the threads asked for; 100,000 did).
 MAX_THREADS = 256

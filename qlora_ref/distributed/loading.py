@@ -29,7 +29,7 @@ Peak memory per rank while loading:
 The piece of rank :math:`r` is FSDP2's ``Shard(0)``: ``torch.chunk(t, N)[r]``
 along the first dimension (empty past the last chunk), exactly what
 ``fully_shard`` keeps of a whole tensor, so the result is byte-equal to
-``shard_model(prepare_model(model))`` on every rank (``tests/test_fsdp2.py``).
+``shard_model(prepare_model(model))`` on every rank (``tests/distributed/test_fsdp2.py``).
 
 Note (quantize the whole layer): the quantization constants are per block of
 ``blocksize`` weights of the flattened weight, and :func:`check_shardable`'s
@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._atomic import regular_file_path
 from ..nn.lora import LoRALinear
 from ..nn.model import find_target_modules, prepare_model, replace_module
 from .fsdp import _require_process_group, check_shardable, decoder_blocks
@@ -101,7 +102,8 @@ class _Weights:
             self.files, self._single = None, _checked(path, path.parent)
         if self.files is None:
             from safetensors import safe_open
-            with safe_open(str(self._single), framework="pt") as f:
+            with regular_file_path(self._single, "weights") as name, \
+                    safe_open(name, framework="pt") as f:
                 self.files = {k: self._single for k in f.keys()}
 
     def __contains__(self, key: str) -> bool:
@@ -109,7 +111,8 @@ class _Weights:
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
-        with safe_open(str(self.files[key]), framework="pt") as f:
+        with regular_file_path(self.files[key], "weights") as name, \
+                safe_open(name, framework="pt") as f:
             return f.get_tensor(key)  # this tensor only
 
 

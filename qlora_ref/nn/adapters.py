@@ -67,7 +67,7 @@ from safetensors.torch import load_file, save
 
 from ..dtypes import FLOAT_DTYPES
 from .._atomic import (atomic_directory, complete_directory, is_marker_part, is_temporary_directory,
-                       recover_directory, refuse_symlink, write_atomic)
+                       recover_directory, refuse_symlink, regular_file_path, write_atomic)
 from .lora import LoRALinear, lora_scaling
 from ..validation import (MAX_LORA_ALPHA, MAX_LORA_RANK, QUANT_BITS, QUANT_TYPES, check_lora_alpha,
                           check_lora_rank, check_real)
@@ -302,7 +302,8 @@ def read_base_record(path: str | os.PathLike) -> dict | None:
     """
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with regular_file_path(path, "adapter weights") as name, \
+                safe_open(name, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
@@ -358,7 +359,8 @@ def _read(directory: Path) -> tuple[dict, dict]:
             raise ValueError(f"{directory}: {key}={config[key]!r} is not supported by qlora_ref "
                              f"(only {key}={fine!r}); the layers would compute something else")
     try:
-        tensors = load_file(str(directory / WEIGHTS_NAME))
+        with regular_file_path(directory / WEIGHTS_NAME, "adapter weights") as name:
+            tensors = load_file(name)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file: "
                          f"{exc}") from None

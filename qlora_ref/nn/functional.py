@@ -38,7 +38,7 @@ from .. import backend as _backend
 from ..dtypes import float_dtype_name
 from ..fourbit import dequantize_4bit
 from ..quant_state import QuantState
-from ..validation import check_code, check_positive_int
+from ..validation import check_code, check_finite_values, check_positive_int
 
 __all__ = ["TORCH_BACKENDS", "quant_state_tensors", "to_quant_state", "check_quant_tensors",
            "dequantize_absmax_torch", "dequantize_4bit_torch", "dequantize_blockwise_torch", "resolve_torch_backend"]
@@ -271,6 +271,7 @@ def _check_blockwise_tensors(codes, absmax, code, blocksize) -> None:
         raise ValueError(f"absmax must hold {n_blocks} float32 values (one per block of "
                          f"{blocksize}); got {getattr(absmax, 'shape', None)} of "
                          f"{getattr(absmax, 'dtype', type(absmax).__name__)}")
+    check_finite_values(_host_array(absmax, "absmax"), "absmax")
     if int(codes.max()) >= table.size:
         raise ValueError(f"codes index up to {int(codes.max())}, but the code has {table.size} values")
 
@@ -303,6 +304,7 @@ def dequantize_blockwise_torch(codes: torch.Tensor, absmax: torch.Tensor, code: 
         _check_blockwise_tensors(codes, absmax, code, blocksize)
         out = _scale_blocks(code[codes.reshape(-1).long()], absmax, blocksize)  # (n,) float32
     elif path == "cython":
+        check_finite_values(_numpy(absmax), "absmax")  # the kernel computes; it does not check
         out = torch.empty(codes.numel(), dtype=torch.float32)
         _backend.kernels().dequantize_blockwise(_numpy(codes), _numpy(absmax), _numpy(code),
                                                 blocksize, out.numpy(), _threads(codes.numel()))

@@ -32,8 +32,10 @@ Note (what cleanup deletes): only folders this process wrote into this
 ``checkpoint`` folder -- recorded in memory with their inode when published,
 and still the same folder, holding our manifest -- and the marked temporary
 folders of dead writers. A ``step-`` folder someone else put there, or one
-an earlier run wrote (a resumed run keeps its predecessor's older
-checkpoint), is never deleted. A ``checkpoint`` folder that is a symlink is
+an earlier run wrote, is never deleted -- except that a resumed run adopts
+the checkpoint it resumes from and the one that checkpoint's manifest
+records as kept beside it (:func:`adopt_checkpoint`: same name, same
+manifest sha256), so resuming leaves no old checkpoint behind. A ``checkpoint`` folder that is a symlink is
 refused, so nothing is written or deleted outside the output folder.
 
 Note (hostile files): ``LATEST``, ``manifest.json``, ``trainer_state.json``
@@ -82,6 +84,7 @@ from qlora_ref._atomic import (FAULT_ENV, atomic_directory, fsync_path, open_reg
 
 __all__ = [
     "CheckpointError", "DiskFullError", "save_checkpoint", "find_checkpoint", "read_checkpoint",
+    "adopt_checkpoint",
     "verify_checkpoint", "latest_checkpoint", "output_lock", "replace_directory",
     "optimizer_state_to_tensors", "optimizer_state_from_tensors", "sha256_file", "fault_point",
     "disk_full_guard", "LOCK_NAME", "FAULT_ENV", "validate_training_state", "check_optimizer_fits",
@@ -98,7 +101,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.(?:tmp|old)-(step-\d+)-\d+-[0-9a-f]{8}$")
 _MAX_SMALL = 64                 # bytes of LATEST, of the lock file
 _MAX_JSON = 64 << 20            # bytes of manifest.json / trainer_state.json
-#: step folders this process published, per checkpoint folder: {root: {name: (st_dev, st_ino)}}
+#: step folders this process published or resumed from (and the one each recorded as its
+#: predecessor), per checkpoint folder: {root: {name: (st_dev, st_ino)}}
 _WRITTEN: dict = {}
 
 
@@ -327,6 +331,70 @@ def _same_folder(path: Path, ident: tuple) -> bool:
     return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == ident
 
 
+def _record(root: Path, name: str) -> None:
+    """Note ``root/name`` (a real folder now) as one this run may delete later."""
+    st = os.lstat(root / name)
+    _WRITTEN.setdefault(str(root.resolve()), {})[name] = (st.st_dev, st.st_ino)
+
+
+def _predecessor(root: Path, previous: Optional[str]) -> Optional[dict]:
+    """The manifest's record of the checkpoint kept beside a new one, if this run owns it.
+
+    ``{"name": "step-N", "manifest_sha256": ...}``: a run resuming from the new
+    checkpoint adopts that folder too (:func:`adopt_checkpoint`), so it is
+    deleted in turn instead of staying behind forever.
+    """
+    written = _WRITTEN.get(str(root.resolve()), {})
+    if not previous or previous not in written or not _same_folder(root / previous, written[previous]):
+        return None
+    try:
+        return {"name": previous, "manifest_sha256": sha256_file(root / previous / MANIFEST)}
+    except (OSError, ValueError):
+        return None
+
+
+def adopt_checkpoint(folder: Path) -> None:
+    """Let this run delete, in time, the checkpoint it resumes from and the one that recorded as kept.
+
+    A resumed run continues the run that wrote ``folder``: after its next two
+    saves, ``folder`` and the older checkpoint ``folder``'s manifest records as
+    its predecessor (``"previous"``: name and the sha256 of its manifest) are
+    old checkpoints of this training run, and cleanup removes them as it
+    removes its own. Only a ``step-N`` folder directly beside ``folder``, a real
+    folder whose manifest has exactly the recorded sha256, is adopted; a
+    folder someone else put there never matches.
+    """
+    folder = Path(folder)
+    root = folder.parent
+    if not _STEP_DIR.match(folder.name) or not _is_real_folder(folder):
+        return
+    _record(root, folder.name)
+    try:
+        manifest = json.loads(read_regular_file(folder / MANIFEST, _MAX_JSON, "checkpoint manifest"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return
+    previous = manifest.get("previous") if isinstance(manifest, dict) else None
+    if not isinstance(previous, dict):
+        return
+    name, digest = previous.get("name"), previous.get("manifest_sha256")
+    if not (isinstance(name, str) and _STEP_DIR.match(name) and isinstance(digest, str)
+            and name != folder.name and _is_real_folder(root / name)):
+        return
+    try:
+        if sha256_file(root / name / MANIFEST) != digest:
+            return
+    except (OSError, ValueError):
+        return
+    _record(root, name)
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _clean(root: Path, keep: set) -> None:
     """Delete the step folders this process wrote into ``root`` (but ``keep``), and dead writers' leftovers."""
     written = _WRITTEN.get(str(root.resolve()), {})
@@ -405,10 +473,12 @@ def save_checkpoint(root: Path, step: int, tensors: dict, trainer_state: dict,
             manifest = {"format": FORMAT + ".manifest", "version": VERSION, "step": step,
                         "files": {rel: {"bytes": (tmp / rel).stat().st_size,
                                         "sha256": sha256_file(tmp / rel)} for rel in files}}
+            kept = _predecessor(root, previous)
+            if kept is not None:
+                manifest["previous"] = kept
             add(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the folder is complete
             _fsync_path(tmp)
-        st = os.lstat(final)
-        _WRITTEN.setdefault(str(root.resolve()), {})[name] = (st.st_dev, st.st_ino)
+        _record(root, name)
         fault_point("rename", step)
         pointer = root / (LATEST + ".tmp")
         if os.path.lexists(pointer):  # left by a writer killed here before (a file, not a folder)

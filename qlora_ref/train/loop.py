@@ -424,6 +424,8 @@ def read_resume(resume_from, config: FinetuneConfig, world: int, fingerprints: d
         print(f"qlora-ref: warning: {note}", file=sys.stderr, flush=True)
     saved, tensors = ckpt.read_checkpoint(folder)
     check_resumable(saved, folder, config, config.total_steps(world), world, fingerprints, fsdp)
+    if rank == 0:
+        ckpt.adopt_checkpoint(folder)  # deleted in turn once two newer checkpoints exist
     return folder, saved, tensors
 
 

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as save_bytes
 
-from .._atomic import atomic_file, refuse_inside_package
+from .._atomic import atomic_file, refuse_inside_package, regular_file_path
 from ..validation import check_num_threads
 from .gpt import GPT, GPTConfig
 from .tasks import PRETRAIN_TASKS, DEFAULT_FINETUNE_TASK, VOCAB, evaluate, make_batch
@@ -246,13 +246,14 @@ def load_base_model(path=None, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"no base model file at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        config = GPTConfig(**json.loads(metadata[_CONFIG_KEY]))
-        if config.vocab_size < len(VOCAB):  # token ids past the table were an IndexError later
-            raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the tokenizer's "
-                             f"{len(VOCAB)} characters")
-        state = load_file(str(path))
+        with regular_file_path(path, "base model") as name:  # one open: a FIFO never blocks
+            with safe_open(name, framework="pt") as f:
+                metadata = f.metadata() or {}
+            config = GPTConfig(**json.loads(metadata[_CONFIG_KEY]))
+            if config.vocab_size < len(VOCAB):  # token ids past the table were an IndexError later
+                raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the "
+                                 f"tokenizer's {len(VOCAB)} characters")
+            state = load_file(name)
         model = GPT(config)
         model.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, KeyError, TypeError, RuntimeError, ValueError,
@@ -266,7 +267,7 @@ def build_parser():
     flags every ``qlora-ref`` command shares (``--seed``, default 0; ``--device``; ``--quiet``).
 
     ``qlora-ref pretrain`` adds the same :func:`add_arguments` to its subcommand, so the two
-    spellings have one set of flags and defaults (``tests/test_pretrain.py`` compares them).
+    spellings have one set of flags and defaults (``tests/train/test_pretrain.py`` compares them).
     The CLI is a floor above this module, so it is not imported here.
     """
     import argparse
