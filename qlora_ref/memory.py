@@ -43,11 +43,11 @@ memory to the CPU on spikes; they change no totals here.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Optional
+
+from .validation import check_count, is_int
 
 __all__ = [
     "fsdp_memory",
@@ -102,29 +102,18 @@ _OFFSET_BYTES = 4       # bitsandbytes' one float32 offset per double-quantized 
 
 
 # ----------------------------------------------------------------------------- validation
-def _count(value, name: str, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``; integral floats such as ``65e9`` are accepted."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok and not isinstance(value, numbers.Integral):
-        ok = math.isfinite(value) and float(value).is_integer()
-    if not ok or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _power_of_two(value, name: str) -> int:
-    value = _count(value, name)
+    value = check_count(value, name)
     if value & (value - 1):
         raise ValueError(f"{name} must be a positive power of two, got {value!r}")
     return value
 
 
 def _check_storage(bits, blocksize, nested_blocksize, absmax_bits, nested_absmax_bits):
-    is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
-    if not is_int or bits not in BLOCKWISE_BITS + PLAIN_BITS:
+    if not is_int(bits) or bits not in BLOCKWISE_BITS + PLAIN_BITS:
         raise ValueError(f"bits must be one of {BLOCKWISE_BITS + PLAIN_BITS}, got {bits!r}")
     for value, name in ((absmax_bits, "absmax_bits"), (nested_absmax_bits, "nested_absmax_bits")):
-        if _count(value, name) % 8:
+        if check_count(value, name) % 8:
             raise ValueError(f"{name} must be a whole number of bytes (a multiple of 8), got {value!r}")
     return (_power_of_two(blocksize, "blocksize"), _power_of_two(nested_blocksize, "nested_blocksize"))
 
@@ -244,7 +233,7 @@ def quantized_nbytes(n_params: int, bits: int = 4, blocksize: int = 64, double_q
     >>> quantized_nbytes(65, double_quant=False)  # 33 packed bytes + 2 float32 absmax
     41
     """
-    n = _count(n_params, "n_params")
+    n = check_count(n_params, "n_params")
     blocksize, nested_blocksize = _check_storage(bits, blocksize, nested_blocksize,
                                                  absmax_bits, nested_absmax_bits)
     codes = _ceil_div(n * bits, 8)  # matches bitsandbytes: 4-bit out has (n + 1) // 2 bytes
@@ -294,9 +283,9 @@ def lora_param_count(hidden_size: int, intermediate_size: int, n_layers: int, r:
     >>> lora_param_count(**LLAMA_65B, r=64)
     799539200
     """
-    sizes = {"h": _count(hidden_size, "hidden_size"), "i": _count(intermediate_size, "intermediate_size")}
-    sizes["kv"] = sizes["h"] if kv_size is None else _count(kv_size, "kv_size")
-    n_layers, r = _count(n_layers, "n_layers"), _count(r, "r")
+    sizes = {"h": check_count(hidden_size, "hidden_size"), "i": check_count(intermediate_size, "intermediate_size")}
+    sizes["kv"] = sizes["h"] if kv_size is None else check_count(kv_size, "kv_size")
+    n_layers, r = check_count(n_layers, "n_layers"), check_count(r, "r")
     names = [p.removesuffix("_proj") if isinstance(p, str) else p for p in projections]
     unknown = [p for p in names if p not in PROJECTIONS]
     if not names or unknown or len(set(names)) != len(names):
@@ -311,7 +300,7 @@ def generic_lora_param_count(n_params: int, fraction: float = DEFAULT_LORA_FRACT
     Returns ``round(n_params * fraction)``; see :data:`DEFAULT_LORA_FRACTION`
     for where the default comes from.
     """
-    n = _count(n_params, "n_params")
+    n = check_count(n_params, "n_params")
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     return round(n * fraction)
@@ -347,11 +336,11 @@ class DecoderShape:
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "n_layers", "n_heads", "vocab_size"):
-            object.__setattr__(self, name, _count(getattr(self, name), name))
+            object.__setattr__(self, name, check_count(getattr(self, name), name))
         if self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size must be a multiple of n_heads, got "
                              f"{self.hidden_size} and {self.n_heads}")
-        kv = self.n_heads if self.n_kv_heads is None else _count(self.n_kv_heads, "n_kv_heads")
+        kv = self.n_heads if self.n_kv_heads is None else check_count(self.n_kv_heads, "n_kv_heads")
         if self.n_heads % kv:
             raise ValueError(f"n_heads must be a multiple of n_kv_heads, got {self.n_heads} and {kv}")
         object.__setattr__(self, "n_kv_heads", kv)
@@ -515,13 +504,13 @@ def activation_memory(shape: DecoderShape, seq_len: int | None, batch_size: int 
     """
     if not isinstance(shape, DecoderShape):
         raise ValueError(f"shape must be a DecoderShape (e.g. LLAMA_SHAPES['llama-7b']), got {shape!r}")
-    batch_size = _count(batch_size, "batch_size")
-    dtype_bytes = _count(dtype_bytes, "dtype_bytes")
+    batch_size = check_count(batch_size, "batch_size")
+    dtype_bytes = check_count(dtype_bytes, "dtype_bytes")
     terms = ("checkpoints (layer inputs)", "saved by the decoder layers", "output head")
     if seq_len is None:
         return ActivationMemory(rows=tuple((term, 0) for term in terms),
                                 details=("no sequence length given",) * 3)
-    seq_len = _count(seq_len, "seq_len")
+    seq_len = check_count(seq_len, "seq_len")
     h, i, n_layers = shape.hidden_size, shape.intermediate_size, shape.n_layers
     tokens = batch_size * seq_len
     per_token = tokens * dtype_bytes                       # bytes of one value per token
@@ -677,8 +666,8 @@ def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | 
     -------
     MemoryTable
     """
-    n = _count(n_params, "n_params")
-    activation_bytes = _count(activation_bytes, "activation_bytes", minimum=0)
+    n = check_count(n_params, "n_params")
+    activation_bytes = check_count(activation_bytes, "activation_bytes", minimum=0)
     activations_how = "given" if activation_bytes else "not estimated (0 unless given)"
     if seq_len is not None:
         if activation_bytes:
@@ -699,7 +688,7 @@ def finetune_memory(n_params: int, method: str = "qlora", *, lora_params: int | 
         weights_how, adapters_how = "16-bit, 2 B/param", "none"
     else:
         n_lora = (generic_lora_param_count(n) if lora_params is None
-                  else _count(lora_params, "lora_params", minimum=0))
+                  else check_count(lora_params, "lora_params", minimum=0))
         trained, adapters_how = n_lora, f"16-bit, 2 B x {n_lora:,}"
         if method == "lora":
             weights, weights_how = _BYTES_16BIT * n, "16-bit, 2 B/param, frozen"
@@ -775,7 +764,7 @@ def fsdp_memory(shape: DecoderShape, shards: int, *, r: int = 64, seq_len: int |
     framework's own memory. With ``shards=1`` this is :func:`finetune_memory`'s
     ``"qlora"`` table exactly.
     """
-    shards = _count(shards, "shards")
+    shards = check_count(shards, "shards")
     n_lora = shape.lora_params(r)
     one = finetune_memory(shape.n_params, "qlora", lora_params=n_lora, shape=shape,
                           seq_len=seq_len, batch_size=batch_size,

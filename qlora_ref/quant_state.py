@@ -34,7 +34,7 @@ import numpy as np
 
 from ._atomic import atomic_file, open_regular_file
 from .dtypes import FLOAT_DTYPES
-from .validation import QUANT_TYPES, VALID_BLOCKSIZES, check_finite_values
+from .validation import QUANT_TYPES, VALID_BLOCKSIZES, check_finite_values, is_int
 
 __all__ = ["QuantState"]
 
@@ -43,17 +43,13 @@ _META = {"shape": ("iu", 32), "blocksize": ("iu", 1), "nested_blocksize": ("iu",
          "dtype": ("U", 1), "quant_type": ("U", 1), "offset": ("f", 1)}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _shape_tuple(shape) -> tuple:
     """``shape`` as a tuple of non-negative ints, or a ``ValueError`` naming it."""
     try:
         dims = tuple(shape)
     except TypeError:
         raise ValueError(f"QuantState.shape must be a sequence of integers, got {shape!r}") from None
-    if not all(_is_int(s) and s >= 0 for s in dims):
+    if not all(is_int(s) and s >= 0 for s in dims):
         raise ValueError(f"QuantState.shape must hold non-negative integers, got {shape!r}")
     return tuple(int(s) for s in dims)
 
@@ -165,7 +161,7 @@ class QuantState:
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"QuantState.quant_type must be one of {QUANT_TYPES}, "
                              f"got {self.quant_type!r}")
-        if not _is_int(self.blocksize) or self.blocksize not in VALID_BLOCKSIZES:
+        if not is_int(self.blocksize) or self.blocksize not in VALID_BLOCKSIZES:
             raise ValueError(f"QuantState.blocksize must be one of {VALID_BLOCKSIZES}, "
                              f"got {self.blocksize!r}")
         if self.dtype not in FLOAT_DTYPES:
@@ -177,7 +173,7 @@ class QuantState:
             if self.offset is None or self.nested_code is None or self.nested_blocksize is None:
                 raise ValueError("QuantState with nested_absmax also needs offset, nested_code "
                                  "and nested_blocksize")
-            if not _is_int(self.nested_blocksize) or self.nested_blocksize < 1:
+            if not is_int(self.nested_blocksize) or self.nested_blocksize < 1:
                 raise ValueError(f"QuantState.nested_blocksize must be a positive integer, "
                                  f"got {self.nested_blocksize!r}")
         for name, (length, dtype) in _layout(shape, int(self.blocksize), self.double_quant,
@@ -246,7 +242,7 @@ class QuantState:
             if isinstance(value, np.ndarray) and value.ndim == 0:
                 value = value[()]
             if value is not None:
-                if not _is_int(value):
+                if not is_int(value):
                     raise ValueError(f"QuantState.{key} must be an integer, got {value!r}")
                 kwargs[key] = int(value)
         for key in ("dtype", "quant_type"):

@@ -10,6 +10,9 @@ their type's module and convert through ``.float().numpy()``.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from .dtypes import FLOAT_DTYPES
@@ -103,6 +106,40 @@ def check_quant_type(quant_type) -> str:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}; got {quant_type!r}")
     return quant_type
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_json_number(value, limit: int = 2 ** 53) -> bool:
+    """A finite number as JSON gives it (int or float, not bool); integers up to ``limit``.
+
+    A 401-digit integer is refused here: ``math.isfinite`` would overflow on it.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= limit if isinstance(value, int) else math.isfinite(value)
+
+
+def passes(check, value) -> bool:
+    """Whether ``check(value)`` accepts ``value`` (raises no ``ValueError``)."""
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; integral floats such as ``65e9`` are accepted."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if ok and not isinstance(value, numbers.Integral):
+        ok = math.isfinite(value) and float(value).is_integer()
+    if not ok or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_positive_int(value, name: str) -> int:

@@ -67,10 +67,11 @@ from safetensors.torch import load_file, save
 
 from ..dtypes import FLOAT_DTYPES
 from .._atomic import (atomic_directory, complete_directory, is_marker_part, is_temporary_directory,
-                       recover_directory, refuse_symlink, regular_file_path, write_atomic)
+                       read_regular_file, recover_directory, refuse_symlink, regular_file_path,
+                       write_atomic)
 from .lora import LoRALinear, lora_scaling
-from ..validation import (MAX_LORA_ALPHA, MAX_LORA_RANK, QUANT_BITS, QUANT_TYPES, check_lora_alpha,
-                          check_lora_rank, check_real)
+from ..validation import (MAX_LORA_ALPHA, MAX_LORA_RANK, QUANT_BITS, QUANT_TYPES, VALID_BLOCKSIZES,
+                          check_lora_alpha, check_lora_rank, check_real, is_int, passes)
 from .model import prepare_model, replace_module
 from .quantized import QuantizedLinear
 from .targets import check_regex_cost, pattern_matcher, pattern_value  # noqa: F401  (importable here)
@@ -286,7 +287,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike,
 _RECORD_FIELDS = {  # field -> (check, what it must be)
     "quant_bits": (lambda v: v in QUANT_BITS and not isinstance(v, bool), "4, 8 or 16"),
     "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
-    "blocksize": (lambda v: _is_positive_int(v), "a positive integer"),
+    "blocksize": (lambda v: is_int(v) and v in VALID_BLOCKSIZES,
+                  f"a positive integer, one of {VALID_BLOCKSIZES}"),
     "double_quant": (lambda v: isinstance(v, bool), "true or false"),
     "compute_dtype": (lambda v: v is None or v in FLOAT_DTYPES, f"null or one of {FLOAT_DTYPES}"),
 }
@@ -378,28 +380,15 @@ def _read(directory: Path) -> tuple[dict, dict]:
 
 
 def _is_number(value) -> bool:
-    try:
-        check_real(value, "value")  # a 401-digit integer overflows math.isfinite
-    except ValueError:
-        return False
-    return True
+    return passes(lambda v: check_real(v, "value"), value)  # a 401-digit integer: False
 
 
 def _is_alpha(value) -> bool:
-    try:
-        check_lora_alpha(value)
-    except ValueError:
-        return False
-    return True
+    return passes(check_lora_alpha, value)
 
 
-def _is_positive_int(value) -> bool:
-    """A rank: an int in 1..MAX_LORA_RANK (``10**400`` would be a positive int too)."""
-    try:
-        check_lora_rank(value)
-    except ValueError:
-        return False
-    return True
+def _is_rank(value) -> bool:
+    return passes(check_lora_rank, value)
 
 
 def _short(value) -> str:
@@ -408,20 +397,24 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+#: An adapter_config.json is a few hundred bytes; a larger one is refused before it is parsed.
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config(path: Path) -> dict:
     """``adapter_config.json``, with the fields we use checked for JSON type and range.
 
     Every failure is one ``ValueError`` naming the file and the field.
     """
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config = json.loads(read_regular_file(path, _MAX_CONFIG_BYTES, "adapter config"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got a {type(config).__name__}")
     checks = {
         "peft_type": (lambda v: isinstance(v, str), "a string"),
-        "r": (_is_positive_int, f"a positive integer, at most {MAX_LORA_RANK}"),
+        "r": (_is_rank, f"a positive integer, at most {MAX_LORA_RANK}"),
         "lora_alpha": (_is_alpha, f"a finite number within +-{MAX_LORA_ALPHA:g}"),
         "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
@@ -431,7 +424,7 @@ def _read_config(path: Path) -> dict:
     for key, (ok, what) in checks.items():
         if key in config and not ok(config[key]):
             raise ValueError(f"{path}: {key} must be {what}, got {_short(config[key])}")
-    for field, ok, what in (("rank_pattern", _is_positive_int, f"a positive integer, at most {MAX_LORA_RANK}"),
+    for field, ok, what in (("rank_pattern", _is_rank, f"a positive integer, at most {MAX_LORA_RANK}"),
                             ("alpha_pattern", _is_alpha, f"a finite number within +-{MAX_LORA_ALPHA:g}")):
         for key, value in (config.get(field) or {}).items():
             if not ok(value):

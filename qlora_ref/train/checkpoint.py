@@ -69,7 +69,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -81,6 +80,7 @@ from qlora_ref import _atomic  # absolute: tests load this file on its own
 from qlora_ref._atomic import (FAULT_ENV, atomic_directory, fsync_path, open_regular_file,
                                read_regular_file, recover_directory, refuse_symlink,
                                replace_directory_atomically)
+from qlora_ref.validation import is_int, is_json_number
 
 __all__ = [
     "CheckpointError", "DiskFullError", "save_checkpoint", "find_checkpoint", "read_checkpoint",
@@ -517,7 +517,7 @@ def verify_checkpoint(folder: Path) -> dict:
         if not isinstance(files, dict):
             raise TypeError("its files are not an object")
         for rel, entry in files.items():
-            if not (isinstance(entry, dict) and _is_int(entry.get("bytes"))
+            if not (isinstance(entry, dict) and is_int(entry.get("bytes"))
                     and isinstance(entry.get("sha256"), str)):
                 raise TypeError(f"its entry for {rel!r} is not {{bytes: int, sha256: str}}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
@@ -668,20 +668,9 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
 _MAX_COUNT = 2 ** 53
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A finite JSON number; a 401-digit integer is not (``math.isfinite`` overflows on it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return abs(value) <= _MAX_COUNT if isinstance(value, int) else math.isfinite(value)
-
-
 def _step_value(value, what: str) -> int:
     """A step count read from JSON: an int in 0..2**53 (not ``"4"``, ``4.0``, ``1e400`` or ``true``)."""
-    if not _is_int(value) or not 0 <= value <= _MAX_COUNT:
+    if not is_int(value) or not 0 <= value <= _MAX_COUNT:
         raise TypeError(f"{what} must be an integer from 0 to 2**53, got {_short(value)}")
     return value
 
@@ -713,16 +702,16 @@ def _validate_optimizer(index, tensors: dict) -> None:
     ids = []
     for g, group in enumerate(index["param_groups"]):
         if not isinstance(group, dict) or not isinstance(group.get("params"), list) \
-                or not all(_is_int(i) and 0 <= i < _MAX_COUNT for i in group["params"]):
+                or not all(is_int(i) and 0 <= i < _MAX_COUNT for i in group["params"]):
             raise TypeError(f"optimizer.param_groups[{g}] must be an object whose params are "
                             "parameter ids (non-negative integers)")
         ids += group["params"]
         for key, value in group.items():
-            if key in ("lr", "eps", "weight_decay") and not (_is_number(value) and value >= 0):
+            if key in ("lr", "eps", "weight_decay") and not (is_json_number(value) and value >= 0):
                 raise TypeError(f"optimizer.param_groups[{g}].{key} must be a finite number "
                                 f">= 0, got {_short(value)}")
             if key == "betas" and not (isinstance(value, list) and len(value) == 2
-                                       and all(_is_number(b) and 0 <= b < 1 for b in value)):
+                                       and all(is_json_number(b) and 0 <= b < 1 for b in value)):
                 raise TypeError(f"optimizer.param_groups[{g}].betas must be two numbers in "
                                 f"[0, 1), got {_short(value)}")
     if len(set(ids)) != len(ids):
@@ -744,7 +733,7 @@ def _validate_optimizer(index, tensors: dict) -> None:
                 values[key] = tensors[name]
             elif isinstance(entry, dict) and set(entry) == {"value"} and (
                     entry["value"] is None or isinstance(entry["value"], (bool, str))
-                    or _is_number(entry["value"])):
+                    or is_json_number(entry["value"])):
                 values[key] = entry["value"]
             else:
                 raise TypeError(f"{where} must be {{tensor: name}} or {{value: a finite number, "
@@ -766,7 +755,7 @@ def _validate_adam_slot(pid: str, values: dict) -> None:
             if step.numel() != 1 or step.dtype.is_complex or step.dtype == torch.bool:
                 raise ValueError(f"optimizer.state[{pid}].step must be one number")
             step = float(step.reshape(()))
-        if not _is_number(step) or not 0 <= step <= _MAX_COUNT or step != int(step):
+        if not is_json_number(step) or not 0 <= step <= _MAX_COUNT or step != int(step):
             raise ValueError(f"optimizer.state[{pid}].step must be a whole number from 0 to 2**53, "
                              f"got {_short(step)}")
     moments = [k for k in ("exp_avg", "exp_avg_sq") if k in values]
@@ -816,15 +805,15 @@ def validate_training_state(state: dict, tensors: dict) -> None:
             raise TypeError(f"the trainer state has an optimizer but no {' or '.join(missing)}")
     history = state.get("history", [])
     if not isinstance(history, list) or not all(
-            isinstance(h, list) and len(h) == 2 and _is_int(h[0]) and 0 <= h[0] <= _MAX_COUNT
-            and _is_number(h[1]) for h in history):
+            isinstance(h, list) and len(h) == 2 and is_int(h[0]) and 0 <= h[0] <= _MAX_COUNT
+            and is_json_number(h[1]) for h in history):
         raise TypeError("history must be a list of [step, finite loss] pairs")
     if "config" in state and not isinstance(state["config"], dict):
         raise TypeError(f"config must be an object, got {_short(state['config'])}")
-    if "world_size" in state and not (_is_int(state["world_size"])
+    if "world_size" in state and not (is_int(state["world_size"])
                                       and 1 <= state["world_size"] <= _MAX_COUNT):
         raise TypeError(f"world_size must be a positive integer, got {_short(state['world_size'])}")
-    if "train_seconds" in state and not (_is_number(state["train_seconds"])
+    if "train_seconds" in state and not (is_json_number(state["train_seconds"])
                                          and state["train_seconds"] >= 0):
         raise TypeError(f"train_seconds must be a finite number >= 0, got "
                         f"{_short(state['train_seconds'])}")

@@ -27,7 +27,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..validation import INITS, OPTIMIZERS, QUANT_BITS, QUANT_TYPES, check_config_bounds
+from ..validation import (INITS, OPTIMIZERS, QUANT_BITS, QUANT_TYPES, check_config_bounds,
+                          check_positive_int)
 from . import tasks
 
 __all__ = ["FinetuneConfig", "HFFinetuneConfig", "load_config", "field_types", "FIELD_TYPES",
@@ -195,8 +196,7 @@ def _check_ranges(c: FinetuneConfig) -> None:
         raise ValueError(f"quant_bits must be 4, 8 or 16, got {c.quant_bits!r}")
     for name in ("r", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "train_size", "eval_size", "logging_steps"):
-        if getattr(c, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+        check_positive_int(getattr(c, name), name)
     for name in ("learning_rate", "lora_alpha", "lora_dropout", "weight_decay", "num_train_epochs"):
         if not _finite(getattr(c, name)):
             raise ValueError(f"{name} must be a finite number, got {getattr(c, name)!r}")
