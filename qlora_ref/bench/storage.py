@@ -89,88 +89,97 @@ def _load_torchao():
 
 
 def _rows_for(op: str, x, state, codes, threads: int, libs: Libraries, cache: dict) -> list[Row]:
-    """The rows of one operation; a missing library gives none.
+    """The rows of one operation: ours, the other libraries', and a memory copy of the output's size.
 
-    ``cache`` keeps the other libraries' quantized forms of ``x`` between operations.
+    A missing library gives no rows; ``cache`` keeps the other libraries'
+    quantized forms of ``x`` between operations.
     """
-    import torch
-
-    n = x.size
-    k = kernels() if cython_available() else None
     counts = [1] if threads == 1 else [1, threads]
-    rows = []
-
-    if op == "quantize":
-        rows.append(Row("numpy reference", 1, lambda: quantize_4bit(x, backend="numpy")))
-        for t in counts if k else []:
-            rows.append(Row("cython", t, lambda t=t: quantize_4bit(x, backend="cython",
-                                                                     num_threads=t)))
-    elif op in ("dequant f32", "dequant bf16"):
-        dtype = "float32" if op == "dequant f32" else "bfloat16"
-        rows.append(Row("numpy reference", 1, lambda: dequantize_4bit(state, dtype,
-                                                                   backend="numpy")))
-        for t in counts if k else []:
-            rows.append(Row("cython", t, lambda t=t: dequantize_4bit(
-                state, dtype, backend="cython", num_threads=t)))
-    elif op == "pack":
-        rows.append(Row("numpy reference", 1, lambda: packing.pack_nibbles(codes, pad=7)))
-
-        def pack(t):
-            out = np.empty((n + 1) // 2, np.uint8)
-            k.pack_nibbles(codes, 7, out, t)
-            return out
-        for t in counts if k else []:
-            rows.append(Row("cython", t, lambda t=t: pack(t)))
-    elif op == "unpack":
-        rows.append(Row("numpy reference", 1, lambda: packing.unpack_nibbles(state.packed, n)))
-
-        def unpack(t):
-            out = np.empty(n, np.uint8)
-            k.unpack_nibbles(state.packed, out, t)
-            return out
-        for t in counts if k else []:
-            rows.append(Row("cython", t, lambda t=t: unpack(t)))
-
-    F = libs.bitsandbytes
-    xt = torch.from_numpy(x)
-    if F is not None and op in ("quantize", "dequant f32", "dequant bf16"):
-        if "bitsandbytes" not in cache:
-            cache["bitsandbytes"] = F.quantize_4bit(xt, blocksize=64, compress_statistics=True,
-                                                    quant_type="nf4")
-        q, qs = cache["bitsandbytes"]
-        if op == "quantize":
-            fn = lambda: F.quantize_4bit(xt, blocksize=64, compress_statistics=True,  # noqa: E731
-                                         quant_type="nf4")
-        else:
-            qs_out = copy.copy(qs)  # the output dtype is a field of bitsandbytes' QuantState
-            qs_out.dtype = torch.float32 if op == "dequant f32" else torch.bfloat16
-            fn = lambda: F.dequantize_4bit(q, qs_out)  # noqa: E731
-        for t in counts:
-            rows.append(Row("bitsandbytes", t, fn))
-
-    to_nf4 = libs.to_nf4
-    if to_nf4 is not None and op in ("quantize", "dequant f32", "dequant bf16"):
-        if "torchao" not in cache:
-            try:  # torchao wants whole groups of 256 blocks: n % 16384 == 0
-                cache["torchao"] = to_nf4(xt, 64, 256)
-            except (AssertionError, RuntimeError, ValueError) as exc:
-                cache["torchao"] = None
-                libs.notes.append(f"torchao NF4: no rows for shape {x.shape} "
-                                     f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
-        nf4 = cache["torchao"]
-        if nf4 is not None:
-            fn = {"quantize": lambda: to_nf4(xt, 64, 256),
-                  "dequant f32": nf4.get_original_weight,
-                  "dequant bf16": lambda: nf4.to(torch.bfloat16)}[op]
-            for t in counts:
-                rows.append(Row("torchao NF4", t, fn))
-
+    rows = _our_rows(op, x, state, codes, counts)
+    if op in ("quantize", "dequant f32", "dequant bf16"):
+        rows += _bitsandbytes_rows(op, x, counts, libs, cache)
+        rows += _torchao_rows(op, x, counts, libs, cache)
     # the bandwidth limit: copy as many bytes as the operation writes
+    n = x.size
     out_bytes = {"quantize": state.nbytes, "dequant f32": 4 * n, "dequant bf16": 2 * n,
                  "pack": (n + 1) // 2, "unpack": n}[op]
     src, dst = _copy_buffers(out_bytes)
     rows.append(Row("memory copy", 1, lambda: np.copyto(dst, src)))
     return rows
+
+
+def _our_rows(op: str, x, state, codes, counts: list) -> list[Row]:
+    """The NumPy reference (one thread) and the Cython kernels (each thread count)."""
+    n = x.size
+    k = kernels() if cython_available() else None
+    if op == "quantize":
+        rows = [Row("numpy reference", 1, lambda: quantize_4bit(x, backend="numpy"))]
+        fast = lambda t: quantize_4bit(x, backend="cython", num_threads=t)  # noqa: E731
+    elif op in ("dequant f32", "dequant bf16"):
+        dtype = "float32" if op == "dequant f32" else "bfloat16"
+        rows = [Row("numpy reference", 1, lambda: dequantize_4bit(state, dtype, backend="numpy"))]
+        fast = lambda t: dequantize_4bit(state, dtype, backend="cython", num_threads=t)  # noqa: E731
+    elif op == "pack":
+        rows = [Row("numpy reference", 1, lambda: packing.pack_nibbles(codes, pad=7))]
+
+        def fast(t):
+            out = np.empty((n + 1) // 2, np.uint8)
+            k.pack_nibbles(codes, 7, out, t)
+            return out
+    else:  # unpack
+        rows = [Row("numpy reference", 1, lambda: packing.unpack_nibbles(state.packed, n))]
+
+        def fast(t):
+            out = np.empty(n, np.uint8)
+            k.unpack_nibbles(state.packed, out, t)
+            return out
+    return rows + [Row("cython", t, lambda t=t: fast(t)) for t in (counts if k else [])]
+
+
+def _bitsandbytes_rows(op: str, x, counts: list, libs: Libraries, cache: dict) -> list[Row]:
+    """bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit`` (NF4, double quantization)."""
+    import torch
+
+    F = libs.bitsandbytes
+    if F is None:
+        return []
+    xt = torch.from_numpy(x)
+    if "bitsandbytes" not in cache:
+        cache["bitsandbytes"] = F.quantize_4bit(xt, blocksize=64, compress_statistics=True,
+                                                quant_type="nf4")
+    q, qs = cache["bitsandbytes"]
+    if op == "quantize":
+        fn = lambda: F.quantize_4bit(xt, blocksize=64, compress_statistics=True,  # noqa: E731
+                                     quant_type="nf4")
+    else:
+        qs_out = copy.copy(qs)  # the output dtype is a field of bitsandbytes' QuantState
+        qs_out.dtype = torch.float32 if op == "dequant f32" else torch.bfloat16
+        fn = lambda: F.dequantize_4bit(q, qs_out)  # noqa: E731
+    return [Row("bitsandbytes", t, fn) for t in counts]
+
+
+def _torchao_rows(op: str, x, counts: list, libs: Libraries, cache: dict) -> list[Row]:
+    """torchao's ``NF4Tensor`` (whole groups of 256 blocks only: a note says when it has none)."""
+    import torch
+
+    to_nf4 = libs.to_nf4
+    if to_nf4 is None:
+        return []
+    xt = torch.from_numpy(x)
+    if "torchao" not in cache:
+        try:  # torchao wants whole groups of 256 blocks: n % 16384 == 0
+            cache["torchao"] = to_nf4(xt, 64, 256)
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            cache["torchao"] = None
+            libs.notes.append(f"torchao NF4: no rows for shape {x.shape} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
+    nf4 = cache["torchao"]
+    if nf4 is None:
+        return []
+    fn = {"quantize": lambda: to_nf4(xt, 64, 256),
+          "dequant f32": nf4.get_original_weight,
+          "dequant bf16": lambda: nf4.to(torch.bfloat16)}[op]
+    return [Row("torchao NF4", t, fn) for t in counts]
 
 
 def _copy_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -489,6 +489,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     directory = complete_directory(directory)  # where a killed save left the complete copy
     config, weights = _read(directory)
     default_r, default_alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = _patterns(directory, config)
+    dropout = float(config.get("lora_dropout", 0.0))
+
+    _check_ranks(directory, weights, rank_pattern, default_r)  # before any layer is allocated
+    if not _lora_layers(model):
+        model = _prepare_for(model, directory, weights, rank_pattern, default_r, default_alpha,
+                             dropout, prepare_kwargs)
+    layers = _lora_layers(model)
+    _check_fit(directory, config, weights, layers, strict)
+    with torch.no_grad():
+        for name, pair in weights.items():
+            layer = layers[name]
+            layer.lora_A.copy_(pair["A"])
+            layer.lora_B.copy_(pair["B"])
+            layer.lora_alpha = pattern_value(alpha_pattern, name, default_alpha)
+            layer.scaling = lora_scaling(layer.lora_alpha, layer.r)
+            layer.lora_dropout = dropout
+    return model
+
+
+def _patterns(directory: Path, config: dict) -> tuple[list, list]:
+    """``rank_pattern`` and ``alpha_pattern`` as (matcher, value) lists; a bad key names its field."""
     patterns = {}
     for field in ("rank_pattern", "alpha_pattern"):
         try:
@@ -496,24 +518,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                                for key, value in (config.get(field) or {}).items()]
         except ValueError as exc:
             raise ValueError(f"{directory / CONFIG_NAME}: {field}: {exc}") from None
-    rank_pattern, alpha_pattern = patterns["rank_pattern"], patterns["alpha_pattern"]
-    dropout = float(config.get("lora_dropout", 0.0))
+    return patterns["rank_pattern"], patterns["alpha_pattern"]
 
-    _check_ranks(directory, weights, rank_pattern, default_r)  # before any layer is allocated
-    if not _lora_layers(model):
-        record = read_base_record(directory / WEIGHTS_NAME)
-        model = prepare_model(model, r=default_r, lora_alpha=default_alpha, lora_dropout=dropout,
-                              target_modules="|".join(map(re.escape, sorted(weights))),
-                              **_prepare_kwargs(record, prepare_kwargs))
-        for name, layer in _lora_layers(model).items():  # a rank from rank_pattern
-            r = pattern_value(rank_pattern, name, default_r)
-            if r != layer.r:
-                new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout,
-                                 fan_in_fan_out=layer.fan_in_fan_out)
-                new.name = name
-                model = replace_module(model, name, new)
 
-    layers = _lora_layers(model)
+def _prepare_for(model, directory: Path, weights: dict, rank_pattern: list, default_r: int,
+                 default_alpha, dropout: float, prepare_kwargs: dict) -> nn.Module:
+    """Add LoRA layers where the adapter has weights, over the base its record names."""
+    record = read_base_record(directory / WEIGHTS_NAME)
+    model = prepare_model(model, r=default_r, lora_alpha=default_alpha, lora_dropout=dropout,
+                          target_modules="|".join(map(re.escape, sorted(weights))),
+                          **_prepare_kwargs(record, prepare_kwargs))
+    for name, layer in _lora_layers(model).items():  # a rank from rank_pattern
+        r = pattern_value(rank_pattern, name, default_r)
+        if r != layer.r:
+            new = LoRALinear(layer.base_layer, r, layer.lora_alpha, dropout,
+                             fan_in_fan_out=layer.fan_in_fan_out)
+            new.name = name
+            model = replace_module(model, name, new)
+    return model
+
+
+def _check_fit(directory: Path, config: dict, weights: dict, layers: dict, strict: bool) -> None:
+    """The adapter's layers, layout and tensor shapes against the model's LoRA layers."""
     unknown = sorted(set(weights) - set(layers))
     if unknown:
         raise ValueError(f"{directory}: adapter has weights for {unknown}, which are not LoRA "
@@ -545,12 +571,3 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
                 raise ValueError(f"{directory}: layer '{name}': saved lora_{which} has shape "
                                  f"{tuple(tensor.shape)}, the model's {layer._shape()} with "
                                  f"r={layer.r} needs {tuple(param.shape)}")
-    with torch.no_grad():
-        for name, pair in weights.items():
-            layer = layers[name]
-            layer.lora_A.copy_(pair["A"])
-            layer.lora_B.copy_(pair["B"])
-            layer.lora_alpha = pattern_value(alpha_pattern, name, default_alpha)
-            layer.scaling = lora_scaling(layer.lora_alpha, layer.r)
-            layer.lora_dropout = dropout
-    return model

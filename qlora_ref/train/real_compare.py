@@ -39,6 +39,7 @@ at 1, a batch order that is a function of the seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -325,48 +326,71 @@ def run_table3(model_dir, seeds=(0, 1, 2), steps: int = 20, batch_size: int = 8,
     del on_device
     say(f"  base model (float32, not fine-tuned): test {_brief(out['base']['test'])}")
     save()
+    job = _Job(tokenizer, splits, encoded, pad, steps, batch_size, device, say, save)
     for arm in arms:
-        prepared = build_arm(base, arm).to(device)
-        entry = out["arms"].setdefault(arm, {"trials": {}, "runs": []})
-        if ARMS[arm].get("quant_type"):  # B = 0: the prepared model is the quantized base
-            entry["before"] = {"test": evaluate(prepared, tokenizer, splits["test"], device)}
-            say(f"  {arm:<18} before fine-tuning: test {_brief(entry['before']['test'])}")
-
-        def one_run(lr, seed):
-            model = copy.deepcopy(prepared)
-            reset_adapters(model, seed)
-            t0 = time.perf_counter()
-            history = train_steps(model, encoded, pad, steps, lr, seed, batch_size, device)
-            run = {"seed": seed, "learning_rate": lr, "history": history,
-                   "seconds": time.perf_counter() - t0,
-                   "validation": evaluate(model, tokenizer, splits["validation"], device, False)}
-            return run, model
-
-        best = None
-        for lr in lr_grid[arm]:
-            run, model = one_run(lr, seeds[0])
-            entry["trials"][repr(lr)] = run
-            say(f"  {arm:<18} lr {lr:g} seed {seeds[0]}: validation loss "
-                f"{run['validation']['completion_loss']:.4f} ({run['seconds']:.0f} s)")
-            if best is None or lr == choose_learning_rate({best[0]: best[1], lr: run}):
-                best = (lr, run, model)
-            save()
-        chosen, run, model = best
-        entry["chosen_lr"] = chosen
-        run = {**run, "test": evaluate(model, tokenizer, splits["test"], device)}
-        entry["runs"].append(run)
-        say(f"  {arm:<18} lr {chosen:g} seed {seeds[0]}: test {_brief(run['test'])}")
-        del model, best
-        save()
-        for seed in seeds[1:]:
-            run, model = one_run(chosen, seed)
-            run["test"] = evaluate(model, tokenizer, splits["test"], device)
-            entry["runs"].append(run)
-            say(f"  {arm:<18} lr {chosen:g} seed {seed}: test {_brief(run['test'])}")
-            del model
-            save()
-        del prepared
+        _run_arm(job, arm, base, seeds, lr_grid[arm], out["arms"].setdefault(arm, {"trials": {},
+                                                                                  "runs": []}))
     return out
+
+
+@dataclasses.dataclass
+class _Job:
+    """What every run of :func:`run_table3` shares: data, settings, and how to report."""
+    tokenizer: object
+    splits: dict
+    encoded: list
+    pad: int
+    steps: int
+    batch_size: int
+    device: object
+    say: object
+    save: object
+
+    def one_run(self, prepared, lr: float, seed: int) -> tuple[dict, object]:
+        """Fine-tune a copy of ``prepared`` (adapters reset by ``seed``); its validation scores."""
+        model = copy.deepcopy(prepared)
+        reset_adapters(model, seed)
+        t0 = time.perf_counter()
+        history = train_steps(model, self.encoded, self.pad, self.steps, lr, seed,
+                              self.batch_size, self.device)
+        run = {"seed": seed, "learning_rate": lr, "history": history,
+               "seconds": time.perf_counter() - t0,
+               "validation": evaluate(model, self.tokenizer, self.splits["validation"],
+                                      self.device, False)}
+        return run, model
+
+    def test(self, model) -> dict:
+        return evaluate(model, self.tokenizer, self.splits["test"], self.device)
+
+
+def _run_arm(job: _Job, arm: str, base, seeds: list, grid, entry: dict) -> None:
+    """One arm: its score before fine-tuning, the learning-rate sweep on ``seeds[0]``, the other seeds."""
+    prepared = build_arm(base, arm).to(job.device)
+    if ARMS[arm].get("quant_type"):  # B = 0: the prepared model is the quantized base
+        entry["before"] = {"test": job.test(prepared)}
+        job.say(f"  {arm:<18} before fine-tuning: test {_brief(entry['before']['test'])}")
+    best = None
+    for lr in grid:
+        run, model = job.one_run(prepared, lr, seeds[0])
+        entry["trials"][repr(lr)] = run
+        job.say(f"  {arm:<18} lr {lr:g} seed {seeds[0]}: validation loss "
+                f"{run['validation']['completion_loss']:.4f} ({run['seconds']:.0f} s)")
+        if best is None or lr == choose_learning_rate({best[0]: best[1], lr: run}):
+            best = (lr, run, model)
+        job.save()
+    chosen, run, model = best
+    entry["chosen_lr"] = chosen
+    entry["runs"].append({**run, "test": job.test(model)})
+    job.say(f"  {arm:<18} lr {chosen:g} seed {seeds[0]}: test {_brief(entry['runs'][-1]['test'])}")
+    del model, best
+    job.save()
+    for seed in seeds[1:]:
+        run, model = job.one_run(prepared, chosen, seed)
+        run["test"] = job.test(model)
+        entry["runs"].append(run)
+        job.say(f"  {arm:<18} lr {chosen:g} seed {seed}: test {_brief(run['test'])}")
+        del model
+        job.save()
 
 
 def _brief(r: dict) -> str:
