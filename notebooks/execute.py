@@ -5,12 +5,13 @@ Usage (from anywhere)::
     python notebooks/execute.py                  # all notebooks
     python notebooks/execute.py 03 05            # those whose names start with 03 or 05
     python notebooks/execute.py --solutions 01   # run with the exercise solutions, store nothing
+    python notebooks/execute.py appendix         # the appendices (appendix_*.ipynb) only
 
 Each notebook runs top to bottom with nbclient (timeout 300 s per cell), in a
 kernel started from *this* interpreter (``sys.executable``), with the
 notebooks folder as working directory. Outputs are written back into the
 ``.ipynb`` files, which the documentation renders without executing them.
-``tests/test_notebooks.py`` uses :func:`execute` too, without writing.
+``tests/docs/test_notebooks.py`` uses :func:`execute` too, without writing.
 
 The stored outputs are the student's view: the exercises hold their
 placeholders and every check prints ``[not done]``. ``--solutions`` runs the
@@ -39,8 +40,14 @@ SOLUTIONS_VARIABLE = "QLORA_REF_SOLUTIONS"
 
 
 def notebooks(prefixes=()) -> list[Path]:
-    """The notebooks in this folder, sorted; only those starting with one of ``prefixes`` if given."""
+    """The numbered course notebooks (``NN_*.ipynb``), sorted; only those starting with one of ``prefixes`` if given."""
     found = sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
+    return [p for p in found if not prefixes or p.name.startswith(tuple(prefixes))]
+
+
+def appendices(prefixes=()) -> list[Path]:
+    """The appendix notebooks (``appendix_*.ipynb``: optional reading, no exercises), sorted; filtered as above."""
+    found = sorted(HERE.glob("appendix_*.ipynb"))
     return [p for p in found if not prefixes or p.name.startswith(tuple(prefixes))]
 
 
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"execute.py: unknown option {unknown[0]} (only --solutions)", file=sys.stderr)
         return 2
-    paths = notebooks(prefixes)
+    paths = notebooks(prefixes) + appendices(prefixes)
     if not paths:
         print("no notebooks matched", file=sys.stderr)
         return 1

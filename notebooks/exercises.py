@@ -25,7 +25,7 @@ this way, which shows every exercise can be solved and every check passes
 on a right answer. It also runs them as shipped, where every check must say
 ``[not done]``: that shows a placeholder is recognised. That a wrong answer,
 or the shortcut of calling ``qlora_ref`` itself, is rejected is shown by
-``tests/test_exercises.py``, which feeds every check the solution, at least
+``tests/docs/test_exercises.py``, which feeds every check the solution, at least
 two plausible wrong answers and the library shortcut.
 
 :func:`check` returns the answer it checked (the solution in solutions mode),

@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 # PEFT calls a transformers method that transformers 5 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 _spec = importlib.util.spec_from_file_location("notebooks_exercises_09", NOTEBOOKS_DIR / "exercises.py")
 exercises = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(exercises)

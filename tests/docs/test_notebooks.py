@@ -23,6 +23,11 @@ gets (re-run ``python notebooks/execute.py NN`` after a change). Cells also
 tagged ``trained`` print results of float32 training, which other CPUs round
 differently: there every number must be within 0.1 + 10% of the stored one
 (see ``TRAINED_RTOL``).
+
+Appendices (``notebooks/appendix_*.ipynb``, optional reading such as the
+Cython kernel line by line) have no exercises; they must run, print their
+key numbers as stored, be stored executed and clean, and be named in a
+numbered notebook.
 """
 import ast
 import importlib.util
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 _spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS_DIR / "execute.py")
 runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
@@ -58,6 +63,9 @@ TRAINED_ATOL = 0.10
 NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?")
 NOTEBOOKS = runner.notebooks()
 IDS = [p.stem for p in NOTEBOOKS]
+#: Optional reading (``appendix_*.ipynb``): no exercises, held to the same standard otherwise.
+APPENDICES = runner.appendices()
+APPENDIX_IDS = [p.stem for p in APPENDICES]
 
 #: a check call as written in a notebook: check("01", "nf_k", ...)
 CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](\d\d)["']\s*,\s*["'](\w+)["']""")
@@ -212,6 +220,11 @@ def test_notebook_runs_as_shipped(path):
     done = [v for v in verdicts if v[0] != "not done"]
     assert not done, f"{path.name}: as shipped, an exercise is not a placeholder: {done}"
 
+    _assert_key_numbers_as_stored(path, nb)
+
+
+def _assert_key_numbers_as_stored(path, nb):
+    """Each cell tagged key-numbers printed what the stored notebook shows (trained ones: nearly)."""
     stored = {c.get("id"): c for c in _code_cells(_stored(path))}
     tagged = [c for c in _code_cells(nb) if KEY_NUMBERS_TAG in c.metadata.get("tags", [])]
     assert tagged, f"{path.name}: no cell tagged {KEY_NUMBERS_TAG!r} (the numbers the prose uses)"
@@ -221,7 +234,7 @@ def test_notebook_runs_as_shipped(path):
         assert (_same_numbers(before, now, TRAINED_RTOL, TRAINED_ATOL) if trained
                 else now == before), (
             f"{path.name}, cell {cell.get('id')}: the stored output differs from a fresh run; "
-            f"re-run `python notebooks/execute.py {path.name[:2]}` and check the prose.\n"
+            f"re-run `python notebooks/execute.py {path.name.split('_')[0]}` and check the prose.\n"
             f"stored:\n{_text(stored[cell.get('id')])}\nfresh:\n{_text(cell)}")
 
 
@@ -241,10 +254,8 @@ def test_notebook_runs_with_the_solutions(path):
 
 # ---------------------------------------------------------------- what the docs show
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_stored_outputs_are_clean(path):
-    """The committed notebook was executed in full, as shipped (the docs show these outputs), and is small."""
-    nb = _stored(path)
+def _assert_executed_cleanly(path, nb):
+    """Executed top to bottom once, no error or stderr stored, under 300 KB."""
     code = _code_cells(nb)
     counts = [c.get("execution_count") for c in code]
     assert all(counts), f"{path.name}: cells without stored outputs; run notebooks/execute.py"
@@ -253,6 +264,14 @@ def test_stored_outputs_are_clean(path):
     stderr = [o for c in code for o in c.get("outputs", []) if o.get("name") == "stderr"]
     assert not stderr, f"{path.name}: stored stderr output: {stderr[0].get('text', '')[:200]}"
     assert path.stat().st_size < 300 * 1024, f"{path.name} is over 300 KB"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_stored_outputs_are_clean(path):
+    """The committed notebook was executed in full, as shipped (the docs show these outputs), and is small."""
+    nb = _stored(path)
+    code = _code_cells(nb)
+    _assert_executed_cleanly(path, nb)
     assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", [])), \
         f"{path.name}: no plot in the stored outputs"
     verdicts = _verdicts(nb)
@@ -262,5 +281,33 @@ def test_stored_outputs_are_clean(path):
         f"{path.name}: stored outputs must show the student's view ([not done]), not {verdicts}; "
         "run notebooks/execute.py without --solutions")
     tagged = [c for c in code if KEY_NUMBERS_TAG in c.metadata.get("tags", [])]
+    assert tagged and all(_text(c).strip() for c in tagged), \
+        f"{path.name}: the cells tagged {KEY_NUMBERS_TAG!r} must exist and print something"
+
+
+# ---------------------------------------------------------------- appendices
+
+def test_there_is_an_appendix_and_a_numbered_notebook_points_to_each():
+    """Appendices are reached from the course: some numbered notebook's markdown names each file."""
+    assert APPENDICES, "no notebooks/appendix_*.ipynb (issue 23: the .pyx reading moved to Appendix A)"
+    text = "\n".join(c.source for p in NOTEBOOKS for c in _stored(p).cells if c.cell_type == "markdown")
+    unlinked = [p.name for p in APPENDICES if p.name not in text]
+    assert not unlinked, f"no numbered notebook points to {unlinked}"
+
+
+@pytest.mark.parametrize("path", APPENDICES, ids=APPENDIX_IDS)
+def test_appendix_runs_and_prints_the_stored_key_numbers(path):
+    nb, seconds = runner.execute(path, timeout=runner.TIMEOUT)   # raises on the first failing cell
+    print(f"{path.name}: {seconds:.1f} s")
+    assert not _has_error(nb)
+    assert not _checks(nb), f"{path.name}: an appendix has no exercises; move {_checks(nb)} to a notebook"
+    _assert_key_numbers_as_stored(path, nb)
+
+
+@pytest.mark.parametrize("path", APPENDICES, ids=APPENDIX_IDS)
+def test_appendix_stored_outputs_are_clean(path):
+    nb = _stored(path)
+    _assert_executed_cleanly(path, nb)
+    tagged = [c for c in _code_cells(nb) if KEY_NUMBERS_TAG in c.metadata.get("tags", [])]
     assert tagged and all(_text(c).strip() for c in tagged), \
         f"{path.name}: the cells tagged {KEY_NUMBERS_TAG!r} must exist and print something"

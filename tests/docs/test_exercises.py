@@ -19,7 +19,7 @@ from scipy.stats import norm
 import qlora_ref
 from qlora_ref import codebooks, memory
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 _spec = importlib.util.spec_from_file_location("notebooks_exercises", NOTEBOOKS_DIR / "exercises.py")
 ex = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ex)
