@@ -13,7 +13,7 @@ Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 * The site needs no network (a course room may have none): MathJax 3 comes
   from the ``sphinx-mathjax-offline`` package and is copied to
   ``_static/mathjax`` (fonts included), and the theme's scripts, styles and
-  fonts are all local. ``tests/test_site_browser.py`` opens every page in a
+  fonts are all local. ``tests/docs/test_site_browser.py`` opens every page in a
   headless browser with the network blocked to keep it so.
 """
 from __future__ import annotations

@@ -7,8 +7,17 @@
 * Hypothesis runs a fixed, moderate number of examples without deadlines
   (timings on a shared CI machine are noisy); under CI the examples are
   derandomized (profiles below).
+* A test that needs an optional extra (``pyproject.toml``) that is not
+  installed is skipped with the extra's name in the reason, whether it
+  asked with ``pytest.importorskip`` or failed to import the module at the
+  top of its file; with ``QLORA_REF_REQUIRE_EXTRAS=1`` (set by ``.ci/run``)
+  it fails instead.
 """
+import importlib.util
 import os
+import re
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -46,3 +55,78 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# -- optional extras -----------------------------------------------------------------------------
+
+#: Modules that come with an extra without being named in it (installed by its packages).
+_ALSO_IN_EXTRA = {"tokenizers": "parity", "safetensors": "parity"}
+_REQUIRE_EXTRAS = "QLORA_REF_REQUIRE_EXTRAS"
+_MISSING = re.compile(r"(?:could not import|No module named) '([\w.]+)'")
+
+
+def extra_of_module() -> dict:
+    """``{top-level module: extra}`` for every package of ``pyproject.toml``'s optional extras.
+
+    A distribution's module is its name in lower case with ``-`` as ``_``
+    (true of every package the extras list). Empty before Python 3.11 (no
+    ``tomllib``): pytest's own skip reasons are then kept as they are.
+    """
+    if sys.version_info < (3, 11):
+        return {}
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    out = {}
+    for extra, requirements in extras.items():
+        for requirement in requirements:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+            out.setdefault(name.lower().replace("-", "_"), extra)
+    return {**_ALSO_IN_EXTRA, **out}
+
+
+def missing_extra(text: str):
+    """(module, extra) when ``text`` says an extra's module could not be imported, else None."""
+    match = _MISSING.search(text)
+    if match is None:
+        return None
+    module = match.group(1).split(".")[0]
+    extra = extra_of_module().get(module)
+    # an installed module whose import failed for another reason is a failure, never a skip
+    return (module, extra) if extra and importlib.util.find_spec(module) is None else None
+
+
+def _name_the_extra(report) -> None:
+    """Rewrite a report for a missing extra: skipped naming it, or failed under the CI flag."""
+    if not (report.skipped or report.failed):
+        return
+    text = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    found = missing_extra(text)
+    if found is None:
+        return
+    module, extra = found
+    reason = (f"needs the '{extra}' extra ({module} is not installed): "
+              f"pip install -e '.[{extra}]'")
+    if os.environ.get(_REQUIRE_EXTRAS) == "1":
+        report.outcome = "failed"
+        report.longrepr = f"{reason}, and {_REQUIRE_EXTRAS}=1 is set"
+    else:
+        path, line = (report.longrepr[:2] if isinstance(report.longrepr, tuple)
+                      else (str(report.fspath), None))
+        report.outcome = "skipped"
+        report.longrepr = (path, line, f"Skipped: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A test file whose imports need a missing extra: skipped (or failed under CI), not an error."""
+    outcome = yield
+    _name_the_extra(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """``pytest.importorskip`` of an extra's module inside a test or fixture: the extra named."""
+    outcome = yield
+    _name_the_extra(outcome.get_result())

@@ -5,7 +5,7 @@ Run: ``python docs/scripts/call_path_figure.py`` (writes ``docs/_static/call_pat
 
 The path is data (:data:`FORWARD`, :data:`BACKWARD`): each hop names the
 function that is called by its importable qualified name, in call order.
-``tests/test_call_path_figure.py`` imports every name and traces a real
+``tests/docs/test_call_path_figure.py`` imports every name and traces a real
 forward and backward pass of a ``LoRALinear`` over a ``Linear4bit`` to check
 that these functions, and in this order, are the ones that run.
 

@@ -15,7 +15,10 @@ One module per command; ``qlora-ref COMMAND --help`` explains each:
 
 Each command module holds ``HELP`` (one line for ``qlora-ref --help``),
 ``add_arguments(parser)`` (its flags) and ``run(args)`` (the work); it
-imports torch only inside ``run`` or ``add_arguments``.
+imports torch only inside ``run`` or ``add_arguments``. ``COMMON`` names the
+shared flags (:data:`SHARED_FLAGS`: ``--device``, ``--seed``, ``--quiet``) the
+command uses, so its ``--help`` lists only flags that mean something to it
+(all three when a module does not say).
 
 ``--model smollm2`` (any name in :data:`qlora_ref.models.MODELS`) is
 replaced by the folder :func:`qlora_ref.models.smollm2` converts once, so
@@ -42,9 +45,7 @@ import argparse
 import importlib
 import sys
 
-from .finetune import _finetune_config  # noqa: F401  (kept importable from here)
-
-__all__ = ["main", "build_parser", "apply_defaults", "COMMANDS"]
+__all__ = ["main", "build_parser", "apply_defaults", "COMMANDS", "SHARED_FLAGS"]
 
 #: The commands, in the order ``qlora-ref --help`` lists them; each is the module ``.NAME``.
 COMMANDS = ("info", "finetune", "generate", "compare", "datatypes", "pretrain", "quantize", "memory",
@@ -65,16 +66,32 @@ def _command(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def common_arguments() -> argparse.ArgumentParser:
-    """``--device``, ``--seed``, ``--quiet``: the flags most commands share (a parent parser)."""
+#: The flags several commands share; a command module's ``COMMON`` names those it uses.
+SHARED_FLAGS = ("device", "seed", "quiet")
+
+
+def common_arguments(flags=SHARED_FLAGS) -> argparse.ArgumentParser:
+    """A parent parser with the shared flags named in ``flags`` (``--device``, ``--seed``, ``--quiet``)."""
+    unknown = set(flags) - set(SHARED_FLAGS)
+    if unknown:
+        raise ValueError(f"not shared flags: {sorted(unknown)} (shared: {SHARED_FLAGS})")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where to run (default: cuda if available, else cpu)")
-    common.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars or banners: "
-                        "finetune prints only warnings and errors (its results are in its files), "
-                        "the other commands only their results")
+    if "device" in flags:
+        common.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                            help="where to run (default: cuda if available, else cpu)")
+    if "seed" in flags:
+        common.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    if "quiet" in flags:
+        common.add_argument("--quiet", action="store_true", help="no progress bars or banners: "
+                            "finetune prints only warnings and errors (its results are in its "
+                            "files), the other commands only their results")
     return common
+
+
+def shared_flags(module) -> tuple:
+    """The shared flags a command module uses: its ``COMMON`` (all of them when it has none)."""
+    flags = getattr(module, "COMMON", SHARED_FLAGS)
+    return () if flags is False else tuple(flags)  # False: an older spelling of ()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -83,7 +100,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     The other commands are still listed (name and one-line help), so
     ``qlora-ref --help`` is complete; ``command=""`` fills in none.
     """
-    common = common_arguments()
     parser = _Parser(
         prog="qlora-ref", description="QLoRA, readable and exact: NF4 storage, LoRA on a "
         "4-bit base, a tiny GPT to fine-tune, and the same on any local Hugging Face causal "
@@ -91,7 +107,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _command(name)
-        p = sub.add_parser(name, parents=[common] if getattr(module, "COMMON", True) else [],
+        flags = shared_flags(module)
+        p = sub.add_parser(name, parents=[common_arguments(flags)] if flags else [],
                            help=module.HELP, description=getattr(module, "DESCRIPTION", None))
         if command is None or command == name:
             module.add_arguments(p)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 HELP = ("loss of the tiny GPT, or perplexity of --model DIR|smollm2, with Int4/FP4/NF4 weights "
         "± double quantization, no fine-tuning")
+#: Shared flags it uses: --quiet (progress lines); it runs on the CPU and draws no random numbers.
+COMMON = ("quiet",)
 
 
 def add_arguments(parser):

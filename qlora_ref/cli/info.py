@@ -6,6 +6,8 @@ import time
 import numpy as np
 
 HELP = "NF4 table and a 4096x4096 quantization summary (the default command)"
+#: Shared flags it uses: --seed (the random matrix); it has no device and prints only its table.
+COMMON = ("seed",)
 
 
 def add_arguments(parser):

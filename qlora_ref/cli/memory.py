@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "fine-tuning memory: full 16-bit vs LoRA vs QLoRA for an N-parameter model"
+#: Shared flags it uses: --quiet (--model smollm2's one-time conversion); it runs nothing, so no --device or --seed.
+COMMON = ("quiet",)
 
 
 def add_arguments(parser):

@@ -29,10 +29,10 @@ the sum, which ``bitsandbytes.functional.quantize_4bit`` quantizes *once*
 with the layer's ``blocksize``, ``quant_type`` and ``compress_statistics``.
 :func:`merge_lora` does the same, so from the same base bytes the merged
 4-bit codes equal bitsandbytes', and so does every other byte without double
-quantization (``tests/test_nn_merge.py``, ``tests/test_hf_architectures.py``).
+quantization (``tests/nn/test_merge.py``, ``tests/interop/test_hf_architectures.py``).
 With double quantization the 8-bit constants carry the known differences of
 bitsandbytes' CPU path (its float32 mean for the offset, its code lookup;
-``tests/test_bitsandbytes_parity.py``). Metadata differs too: bitsandbytes
+``tests/interop/test_bitsandbytes_parity.py``). Metadata differs too: bitsandbytes
 records the sum's dtype (float32) as the new weight's dtype, we keep the
 base's (or ``dtype``).
 

@@ -47,7 +47,7 @@ not rebuild the adapters. The 4-bit base alone does load there: with each
 ``LoRALinear`` replaced by its ``base_layer`` and
 ``model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True,
 ...)`` (the base's format), ``save_pretrained`` writes what transformers +
-bitsandbytes load (``tests/test_hf_checkpoints.py``).
+bitsandbytes load (``tests/interop/test_hf_checkpoints.py``).
 """
 from __future__ import annotations
 

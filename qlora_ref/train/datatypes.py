@@ -252,7 +252,7 @@ def dequantized_copy(model, kind: str, double_quant: bool = False, blocksize: in
     ``"bitsandbytes"``; bitsandbytes has no Int4), ``"bfloat16"`` (rounded)
     or ``"float32"`` (unchanged). The layers stay ``nn.Linear``: the model
     computes what :func:`qlora_ref.prepare_model` with :math:`\mathbf B = 0`
-    computes (``tests/test_real_model.py`` checks one window), without
+    computes (``tests/interop/test_real_model.py`` checks one window), without
     dequantizing at every forward. Every ``nn.Linear`` but the output head
     is a projection; the embedding and the (tied) head stay as they are.
     """
