@@ -4,6 +4,8 @@ Each was once copied into several test files; a test imports the one it needs
 (``from tests.helpers import cli``). Nothing here is a test, and nothing
 downloads: the tiny models are built from a config with fixed seeds.
 """
+import contextlib
+import signal
 from pathlib import Path
 
 #: The repository's root folder (``tests/`` is one level below it).
@@ -168,3 +170,17 @@ def save_tiny_llama(folder: Path, initializer_range: float = 0.25) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10):
+    """Fail (instead of hanging CI) if the block blocks for ``seconds`` (a FIFO open, a lock)."""
+    def fire(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -90,8 +90,7 @@ def common_arguments(flags=SHARED_FLAGS) -> argparse.ArgumentParser:
 
 def shared_flags(module) -> tuple:
     """The shared flags a command module uses: its ``COMMON`` (all of them when it has none)."""
-    flags = getattr(module, "COMMON", SHARED_FLAGS)
-    return () if flags is False else tuple(flags)  # False: an older spelling of ()
+    return tuple(getattr(module, "COMMON", SHARED_FLAGS))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

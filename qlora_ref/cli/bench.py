@@ -105,7 +105,7 @@ def main(args=None) -> int:
 
 #: For ``qlora-ref``: the one-line help; the benchmark has its own ``--seed`` and no ``--device``.
 HELP = "quantize/dequantize/pack speed: NumPy, Cython (1 and all threads), bitsandbytes, memory copy"
-COMMON = False
+COMMON = ()
 run = main
 
 

@@ -13,7 +13,6 @@ Issue 20's last four cases, each as a family:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -28,20 +27,7 @@ import qlora_ref
 from qlora_ref import _atomic
 from qlora_ref.nn import dequantize_blockwise_torch, load_adapter, prepare_model, save_adapter
 from qlora_ref.train import checkpoint as ckpt
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail instead of blocking forever (a FIFO open without a writer blocks)."""
-    def fail(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+from tests.helpers import no_hang
 
 
 def killed_inside_a_write(path: Path) -> Path:

@@ -38,26 +38,12 @@ from qlora_ref.nn import load_adapter, prepare_model, save_adapter
 from qlora_ref.quant_state import QuantState
 from qlora_ref import quantize_4bit
 from qlora_ref.train import checkpoint as ckpt
-from tests.helpers import cli, one_line
+from tests.helpers import cli, no_hang, one_line
 
 PACKAGE = Path(qlora_ref.__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 10):
-    """Fail (instead of hanging CI) if the block blocks for ``seconds``."""
-    def fire(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def hostile(path: Path, kind: str) -> Path:
     """Put a non-regular file of ``kind`` at ``path``."""
