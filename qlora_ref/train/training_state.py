@@ -5,7 +5,7 @@ plus a JSON index, and the schema every value read back must follow.
 what their contents must be. Everything read from a checkpoint is input: a
 field of the wrong JSON type, a count past 2**53, an Adam moment of the wrong
 shape or a negative second moment is one :class:`CheckpointError` line naming
-it (issue 20's re-signed checkpoints), before any tensor reaches a model.
+it, before any tensor reaches a model.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ everything under ``--out``. One module per part, each with ``run(ctx)`` and
     checkpoint round-trips. The dry run uses gloo on the CPU.
 
 The driver: :mod:`.cli` (flags, the loop over the parts), :mod:`.run` (a part
-in its own process session, killed at its limit), :mod:`.targets` (each target
-of the issue and how it is judged), :mod:`.summary` (``summary.md`` and
+in its own process session, killed at its limit), :mod:`.targets` (each GPU target
+and how it is judged), :mod:`.summary` (``summary.md`` and
 ``summary.json``). Shared: :mod:`.context` (the sizes, the output folder),
 :mod:`.device` (CUDA memory counters; timing through the benchmark's
 :func:`qlora_ref.bench.timing.measure`), :mod:`.report` (units and tables,

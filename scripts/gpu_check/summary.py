@@ -61,7 +61,7 @@ def write_summary(out: Path, results: dict, args, seconds: float) -> dict:
     targets = judge_targets(results, args.dry_run, args.device)
     env = next((r["environment"] for r in results.values() if "environment" in r), {})
     mode = ("CPU dry run (tiny sizes): every code path ran, no target is judged"
-            if args.dry_run or args.device != "cuda" else "GPU run at the issue's sizes")
+            if args.dry_run or args.device != "cuda" else "GPU run at the full sizes")
     target_rows = [(t["target"], f"({t['part']})", t["text"], f"**{t['verdict']}**",
                     t["measured"]) for t in targets]
     text = (f"# GPU check: summary\n\n`python scripts/gpu_check --out {args.out} --device "

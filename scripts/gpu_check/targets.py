@@ -1,4 +1,4 @@
-"""The issue's targets: which part measures each, and how its result is judged met or not."""
+"""The GPU targets: which part measures each, and how its result is judged met or not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
