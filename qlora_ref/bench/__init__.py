@@ -34,50 +34,11 @@ tensors, ``compress_statistics=True``); torchao's ``NF4Tensor`` (``to_nf4``,
 many bytes as the operation writes -- the rate at which this machine moves
 that output, the bandwidth limit.
 
-Method (named notes):
-
-* *Best of N.* Each cell is the fastest of ``--repeat`` wall-clock runs
-  (``time.perf_counter``) after ``--warmup`` untimed runs; calls that take
-  over a second get 3 runs. Calls shorter than 2 ms are repeated inside one
-  sample (the sample is their mean), so timer and Python overheads stay small.
-* *Interleaved.* Within an operation the implementations take turns (round
-  robin), so a change in machine load hits all rows alike.
-* *Threads.* bitsandbytes runs torch ops and its own OpenMP C kernels:
-  ``torch.set_num_threads`` and ``omp_set_num_threads`` (of the system
-  libgomp its library links) are set to the row's thread count. torchao is
-  plain torch. Ratios ("x bnb") compare rows with the same thread count.
-* *Dynamo off.* bitsandbytes wraps some CPU fallbacks in ``torch.compile``;
-  compiling would dominate the first calls (and the fallbacks are not taken
-  for these shapes). The measuring child process starts with
-  ``TORCHDYNAMO_DISABLE=1`` (unless set), and the run sets
-  ``torch._dynamo.config.disable`` (restored afterwards).
-* *Allocation included, page faults not.* Every row returns a fresh output
-  (as the APIs do); the copy row copies into a preallocated buffer. Whether
-  a fresh 64 MiB output costs page faults depends on glibc's history: a
-  large free chunk inside the heap is reused without faults, otherwise the
-  request is a new ``mmap`` faulted in page by page (4 KiB pages for torch,
-  2 MiB huge pages for NumPy; 16384 faults cost bitsandbytes about 40 ms
-  here). To measure the operations rather than that history, the benchmark
-  sets glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` high (``mallopt``)
-  so that outputs reuse heap memory; ``--fresh-pages`` leaves the allocator
-  alone. The tables print the page faults per call of the dequantization rows.
-* *The caller's process is left as it was.* ``mallopt`` is process wide and
-  cannot be undone (glibc's adaptive thresholds do not come back), so a
-  heap-reuse run measures in a fresh child process
-  (``python -m qlora_ref.cli.bench --report-json FILE ...``) whose tables are
-  relayed and whose numbers come back as JSON. An in-process run
-  (``fresh_pages=True``) sets thread counts, environment variables and
-  ``torch._dynamo.config.disable`` for its rows and restores all of them
-  afterwards (:func:`process_settings`, tested before == after).
-* *Copy.* ``np.copyto`` between page-aligned buffers: two consecutive heap
-  allocations sit 16 bytes past a multiple of 4096 apart, where glibc's
-  ``rep movsb`` copy runs 10-20x slower on some CPUs (this one included).
-* *CPU time.* On a shared machine a long call is more often interrupted
-  than a short one, which flatters the fast rows. The second table of each
-  size times the single-threaded rows by ``time.thread_time`` (CPU time of
-  the calling thread, system time of its page faults included).
-* *A benchmark, not a test*: nothing here asserts a speed. The Cython outputs
-  are checked byte-identical to the NumPy ones on the benchmark data.
+Method: best of ``--repeat`` runs, the implementations taking turns, thread
+counts set for every library, dynamo off, outputs from heap memory in a
+child process, page-aligned copies, and a CPU-time table; each choice and
+why is written out in ``docs/benchmarks.md`` ("Method"). A benchmark, not a
+test: nothing here asserts a speed.
 
 :func:`qlora_layer_step_time` times a LoRA layer over a 4-bit base
 (``qlora_ref.nn``), forward and backward, against the same layer over a
