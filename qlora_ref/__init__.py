@@ -45,6 +45,8 @@ _LAZY = {
     "save_adapter": "qlora_ref.nn.adapters",
     "load_adapter": "qlora_ref.nn.adapters",
     "merge_and_unload": "qlora_ref.nn.merge",
+    "save_quantized": "qlora_ref.nn.saved4bit",
+    "load_quantized": "qlora_ref.nn.saved4bit",
 }
 
 __all__ = [

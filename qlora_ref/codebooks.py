@@ -42,6 +42,8 @@ version for comparison.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = [
@@ -201,7 +203,15 @@ def nf4_code() -> np.ndarray:
     >>> code = nf4_code()
     >>> code.shape, code.dtype, float(code[0]), float(code[7]), float(code[-1])
     ((16,), dtype('float32'), -1.0, 0.0, 1.0)
+
+    Note (computed once): the table is derived on the first call and kept
+    (every layer a model quantizes asks for it); each call returns a copy.
     """
+    return _nf4_table().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _nf4_table() -> np.ndarray:
     return normal_float_code(4)
 
 

@@ -8,7 +8,8 @@ One module per command; ``qlora-ref COMMAND --help`` explains each:
 * ``generate`` (:mod:`.generate`) -- continue a prompt, with or without an adapter;
 * ``compare`` (:mod:`.compare`) -- the paper's claims in miniature, over seeds;
 * ``pretrain`` (:mod:`.pretrain`) -- rebuild the base model the package ships;
-* ``quantize FILE`` (:mod:`.quantize`) -- quantize a ``.npy`` / ``.safetensors`` tensor;
+* ``quantize FILE`` (:mod:`.quantize`) -- quantize a ``.npy`` / ``.safetensors`` tensor, or
+  ``--model DIR --save OUT``: save a model's base in 4 bits once;
 * ``memory N`` (:mod:`.memory`) -- the fine-tuning memory table for an N-parameter model;
 * ``bench`` (:mod:`.bench`) -- speed of the NumPy, Cython and bitsandbytes paths;
 * ``info`` (:mod:`.info`) -- the NF4 table and a 4096x4096 quantization summary (the default).

@@ -6,12 +6,21 @@
   :func:`qlora_ref.load_adapter` puts the adapters in
   (:func:`qlora_ref.train.hf_finetune.generate`). ``--adapter`` alone uses the
   base folder the adapter records.
+* ``--model OUT`` where ``OUT`` is a saved 4-bit model (``qlora-ref quantize
+  --model DIR --save OUT``; its config.json holds a 4-bit bitsandbytes
+  ``quantization_config``) -- loaded with
+  :func:`qlora_ref.nn.saved4bit.load_quantized`, codes as stored, nothing
+  quantized; ``--adapter`` goes on its 4-bit layers (also when the adapter
+  records such a folder as its base).
 * no ``--model`` -- the shipped tiny GPT (prompts in its task vocabulary,
   e.g. ``s3141=``), optionally with ``--adapter runs/finetune/adapter``.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+#: The shared flags it uses: greedy decoding draws nothing, so no --seed.
+COMMON = ("device", "quiet")
 
 HELP = "print the greedy continuation of --prompt (a Hugging Face model or the tiny GPT)"
 
@@ -46,7 +55,9 @@ def run(args) -> int:
         elif base and Path(base).is_absolute():  # the folder it was trained on is gone
             raise ValueError(f"{args.adapter} was trained on {base}, which is missing; pass "
                              "--model DIR with that model")
-    if args.model is not None:
+    if args.model is not None and _is_saved_4bit(args.model):
+        text = _saved_4bit(args)
+    elif args.model is not None:
         from ..train.hf_finetune import generate
 
         text = generate(args.model, args.prompt, adapter=args.adapter,
@@ -55,6 +66,31 @@ def run(args) -> int:
         text = _tiny(args)
     print(text)
     return 0
+
+
+def _is_saved_4bit(folder) -> bool:
+    from ..nn.saved4bit import is_quantized_folder
+
+    return is_quantized_folder(folder)
+
+
+def _saved_4bit(args) -> str:
+    """Greedy continuation by a saved 4-bit model (and adapter): its codes loaded, not quantized."""
+    import torch
+
+    from ..nn.saved4bit import load_quantized
+    from ..train.hf_finetune import adapter_base, check_model_fits, complete, load_tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.adapter is not None:
+        adapter_base(args.adapter)  # a clear error if it is not an adapter folder
+    tokenizer = load_tokenizer(args.model)
+    # the matmul dtype follows the device generation runs on (as for a float base + adapter)
+    model = load_quantized(args.model, compute_dtype=(
+        torch.bfloat16 if device.type == "cuda" else torch.float32), adapter=args.adapter)
+    check_model_fits(model, tokenizer, len(tokenizer(args.prompt)["input_ids"])
+                     + args.max_new_tokens, args.model)
+    return complete(model.to(device), tokenizer, args.prompt, args.max_new_tokens, device)
 
 
 def _tiny(args) -> str:

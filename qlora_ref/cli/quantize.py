@@ -1,5 +1,13 @@
 """``qlora-ref quantize FILE``: quantize a ``.npy`` / ``.safetensors`` tensor; report the error.
 
+``qlora-ref quantize --model DIR --save OUT``: quantize a Hugging Face
+causal LM's linear layers (all but the output head) once and save the 4-bit
+model (:func:`qlora_ref.nn.saved4bit.save_quantized`): a folder that
+``qlora-ref generate --model OUT`` loads without quantizing again, and that
+transformers + bitsandbytes open with ``AutoModelForCausalLM.from_pretrained``.
+An existing non-empty ``OUT`` is replaced only with ``--overwrite`` (and only
+if it is itself a saved 4-bit model).
+
 Files are read without running code: a ``.npy`` header is checked against
 the file's size before ``np.load(allow_pickle=False)`` allocates anything,
 and a ``.safetensors`` file goes through ``safetensors``. Only regular files
@@ -12,15 +20,26 @@ import os
 
 import numpy as np
 
-from .._atomic import atomic_path, check_regular_file, open_regular_file, refuse_inside_package
+from .._atomic import (atomic_path, check_regular_file, open_regular_file, refuse_inside_package,
+                       regular_file_path)
 from ..dtypes import FLOAT_DTYPES
 from ..validation import QUANT_TYPES
 
-HELP = "quantize a .npy/.safetensors tensor: error and bits per parameter"
+HELP = ("quantize a .npy/.safetensors tensor (error, bits per parameter), or save a model in "
+        "4 bits (--model DIR --save OUT)")
+#: Shared flags it uses: --quiet (progress of --model); quantizing is deterministic, on the CPU.
+COMMON = ("quiet",)
 
 
 def add_arguments(parser):
-    parser.add_argument("file", help="a .npy file, or a .safetensors file (with --key)")
+    parser.add_argument("file", nargs="?", help="a .npy file, or a .safetensors file (with --key)")
+    parser.add_argument("--model", metavar="DIR", help="instead of FILE: a local Hugging Face "
+                        "causal LM folder, or 'smollm2', whose linear layers are quantized and "
+                        "saved with --save")
+    parser.add_argument("--save", metavar="OUT", help="with --model: the folder to write the "
+                        "4-bit model to (generate --model OUT loads it without quantizing)")
+    parser.add_argument("--overwrite", action="store_true", help="with --save: replace a saved "
+                        "4-bit model already in OUT")
     parser.add_argument("--key", help="tensor name inside a .safetensors file")
     parser.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     parser.add_argument("--blocksize", type=int, default=64)
@@ -57,7 +76,8 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
         from safetensors.torch import load_file
 
         try:
-            tensors = load_file(path)
+            with regular_file_path(path, "input") as name:
+                tensors = load_file(name)
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from None
         if key is None:
@@ -78,6 +98,11 @@ def _load_tensor(path: str, key: str | None) -> tuple[np.ndarray, str]:
 
 def run(args) -> int:
     from .. import dequantize_4bit, quantize_4bit
+
+    if args.model is not None or args.save is not None:
+        return _save_model(args)
+    if args.file is None:
+        raise ValueError("quantize needs FILE (a tensor), or --model DIR --save OUT (a model)")
 
     if args.histogram:  # before the work: never inside the installed package
         refuse_inside_package(args.histogram, "--histogram")
@@ -108,4 +133,30 @@ def run(args) -> int:
         with atomic_path(args.histogram) as tmp:  # a full disk leaves the old PNG whole
             fig.savefig(tmp, format="png")
         print(f"  histogram written to {args.histogram}")
+    return 0
+
+
+def _save_model(args) -> int:
+    """``--model DIR --save OUT``: quantize the model's linear layers once and write the 4-bit folder."""
+    if args.model is None or args.save is None:
+        raise ValueError("saving a 4-bit model needs both --model DIR and --save OUT")
+    if args.file is not None or args.key is not None or args.histogram is not None:
+        raise ValueError("--model takes no FILE, --key or --histogram (those quantize one tensor)")
+    if args.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"--quant-type {args.quant_type} is not a bitsandbytes type; a saved "
+                         "4-bit model is nf4 or fp4 (transformers + bitsandbytes load it too)")
+    from ..nn.saved4bit import check_save_folder, quantize_model, save_quantized
+    from ..train.hf_finetune import load_pretrained
+    from ..validation import check_blocksize
+
+    check_blocksize(args.blocksize)
+    check_save_folder(args.save, args.overwrite)  # before the model is read
+    model, tokenizer = load_pretrained(args.model, device="cpu")
+    model = quantize_model(model, quant_type=args.quant_type, blocksize=args.blocksize,
+                           double_quant=not args.no_double_quant)
+    save_quantized(model, args.save, tokenizer=tokenizer, overwrite=args.overwrite)
+    size = os.path.getsize(os.path.join(args.save, "model.safetensors"))
+    print(f"saved {args.model} in 4 bits ({args.quant_type}, blocksize {args.blocksize}, "
+          f"double quantization {'off' if args.no_double_quant else 'on'}) to {args.save} "
+          f"(model.safetensors {size:,} bytes)")
     return 0
