@@ -21,7 +21,7 @@ Metadata lives in pyproject.toml. This file only adds the extension:
 
       QLORA_REF_DEBUG_CYTHON=1 python setup.py build_ext --inplace
       python -c "from qlora_ref._kernels import quant4; assert quant4.DEBUG_BUILD"
-      pytest tests/test_kernels_equal.py tests/test_tampered_inputs.py
+      pytest tests/kernels tests/robustness/test_tampered_inputs.py
       python setup.py build_ext --inplace          # back to the normal build
 
   (``.ci/run`` does this after the full test run.) The debug C source is
@@ -106,7 +106,8 @@ def extensions():
     macros = [("QLORA_REF_DEBUG_CYTHON", "1")] if DEBUG_CYTHON else []
     ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"],
                     define_macros=macros, include_dirs=["qlora_ref/_kernels"],  # lookup16.h
-                    depends=["qlora_ref/_kernels/lookup16.h", "qlora_ref/_kernels/gemv4.h"])
+                    depends=["qlora_ref/_kernels/lookup16.h", "qlora_ref/_kernels/gemv4.h",
+                             "qlora_ref/_kernels/checks.pxi"])
     return cythonize([ext], compiler_directives=directives,
                      build_dir="build/cython-debug" if DEBUG_CYTHON else None)
 

@@ -14,8 +14,8 @@ once and uses NumPy. CI sets ``QLORA_REF_REQUIRE_CYTHON=1``, under which a
 missing extension is an error instead.
 
 The vector path of the dequantize kernels is chosen here as well
-(:func:`simd_level`): the best the CPU has (``avx512``, ``avx2`` or
-``portable``, see ``qlora_ref/_kernels/lookup16.h``), unless
+(:func:`simd_level`): the best the CPU has (``avx512bf16``, ``avx512``,
+``avx2`` or ``portable``, see ``qlora_ref/_kernels/lookup16.h``), unless
 ``QLORA_REF_SIMD`` names another; every path writes the same bytes.
 
 Threads are chosen here too (:func:`default_num_threads`): all cores for
@@ -65,7 +65,7 @@ _simd_chosen = False
 
 
 def _choose_simd() -> None:
-    """Apply ``QLORA_REF_SIMD`` (``auto``, ``portable``, ``avx2``, ``avx512``) once, on first use."""
+    """Apply ``QLORA_REF_SIMD`` (``auto``, ``portable``, ``avx2``, ``avx512``, ``avx512bf16``) once, on first use."""
     global _simd_chosen
     wanted = os.environ.get("QLORA_REF_SIMD", "").strip().lower() or "auto"
     _simd_chosen = True
@@ -76,7 +76,8 @@ def _choose_simd() -> None:
 
 
 def simd_level() -> str | None:
-    """The vector path the dequantize kernels use (``"avx512"``, ``"avx2"``, ``"portable"``); None without the extension."""
+    """The vector path the dequantize kernels use (``"avx512bf16"``, ``"avx512"``, ``"avx2"``,
+    ``"portable"``); None without the extension."""
     return kernels().simd_level() if _quant4 is not None else None
 
 

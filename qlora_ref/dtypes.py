@@ -16,6 +16,14 @@ pattern, rounded to nearest, ties to even, the rounding torch's
     \operatorname{bf16}(x) = \big\lfloor (b + \mathtt{0x7FFF} + \lfloor b / 2^{16} \rfloor \bmod 2) / 2^{16} \big\rfloor,
     \qquad b = \operatorname{bits}_{32}(x)
 
+Note (subnormals): bitsandbytes' CPU dequantization rounds with the
+AVX512-BF16 instruction ``VCVTNEPS2BF16``, which writes a signed zero for a
+subnormal float32 input (|x| < 2**-126); torch's ``.to(torch.bfloat16)``
+(and bitsandbytes' CUDA kernel) round it like any other number. The 4-bit
+dequantization to bfloat16 follows bitsandbytes' CPU kernel
+(``flush_subnormals=True``); only blocks whose absmax is below about 1e-37
+can tell the two apart.
+
 ``torch.from_numpy(bits.view(numpy.int16)).view(torch.bfloat16)`` turns
 them into a tensor without copying; :mod:`qlora_ref.nn` does that for you.
 """
@@ -54,16 +62,20 @@ def float_dtype_name(dtype, what: str = "dtype") -> str:
     return name
 
 
-def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+def bfloat16_bits(x: np.ndarray, flush_subnormals: bool = False) -> np.ndarray:
     r"""Round float32 values to bfloat16, returned as raw ``uint16`` bit patterns.
 
     Round to nearest, ties to even (the formula in the module docstring);
-    NaN stays a (quiet) NaN.
+    NaN stays a (quiet) NaN. With ``flush_subnormals`` a subnormal input
+    becomes a zero of its sign first, as ``VCVTNEPS2BF16`` does (module note).
 
     >>> bfloat16_bits(np.array([1.0, 1.00390625, 1.01171875], np.float32))  # ties go to even
     array([16256, 16256, 16258], dtype=uint16)
     """
     b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    if flush_subnormals:
+        subnormal = (b & 0x7F800000) == 0
+        b[subnormal] &= 0x80000000                                  # a signed zero
     rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16                  # eq. bf16(x)
     out = rounded.astype(np.uint16)
     nan = np.isnan(np.asarray(x, dtype=np.float32))

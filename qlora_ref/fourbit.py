@@ -256,11 +256,11 @@ def dequantize_4bit(state: QuantState, dtype=None, backend: str | None = None,
         absmax = dequantize_absmax(state)                                   # (n_blocks,) float32
         codes = packing.unpack_nibbles(state.packed, n)                     # (n,) uint8
         out = blockwise.dequantize_blockwise(codes, absmax, state.code, state.blocksize)
-        if target == "bfloat16":
-            out = bfloat16_bits(out)                                        # (n,) uint16
+        if target == "bfloat16":  # bitsandbytes' CPU rule: subnormal products become zeros
+            out = bfloat16_bits(out, flush_subnormals=True)                 # (n,) uint16
     else:
-        # bfloat16: the kernel rounds the float32 product itself (the bits torch's
-        # .to(torch.bfloat16) gives) and writes them as uint16: half the bytes
+        # bfloat16: the kernel rounds the float32 product itself (the same rule) and
+        # writes them as uint16: half the bytes
         out = np.empty(n, dtype=np.uint16 if target == "bfloat16" else np.float32)
         run_dequantize_kernel(state, out, _threads(num_threads, n))
     out = out.reshape(state.shape)

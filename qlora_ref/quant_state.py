@@ -199,18 +199,22 @@ class QuantState:
                 raise ValueError(f"QuantState.offset must be finite in float32, got {self.offset!r}")
             _check_values("nested_absmax", self.nested_absmax, low=0.0)
             _check_values("nested_code", self.nested_code, high=1.0)
-            # a block's constant is nested_code[c] * nested_absmax[j] + offset in float32: finite
-            # factors can still overflow in the sum, so compute them (O(n_blocks), as the kernel)
+            # a block's constant is nested_code[c] * nested_absmax[j] + offset in float32, with
+            # |nested_code| <= 1: it can overflow only if max(nested_absmax) + |offset| comes
+            # near float32's largest value; only then compute them all (O(n_blocks), as the kernel)
             from .double_quant import double_dequantize
 
-            with np.errstate(over="ignore"):
-                constants = double_dequantize(self.absmax, self.nested_absmax, offset32,
-                                              int(self.nested_blocksize), self.nested_code)
-            if not np.isfinite(constants).all():
-                raise ValueError(f"QuantState: {int(np.count_nonzero(~np.isfinite(constants)))} block "
-                                 f"constant(s) overflow float32 (nested_absmax up to "
-                                 f"{float(self.nested_absmax.max()):.4g}, offset {float(offset32):.4g});"
-                                 " they would dequantize to infinity")
+            bound = float(self.nested_absmax.max(initial=0.0)) + abs(float(offset32))
+            if bound >= float(np.finfo(np.float32).max) / 2:
+                with np.errstate(over="ignore"):
+                    constants = double_dequantize(self.absmax, self.nested_absmax, offset32,
+                                                  int(self.nested_blocksize), self.nested_code)
+                if not np.isfinite(constants).all():
+                    raise ValueError(
+                        f"QuantState: {int(np.count_nonzero(~np.isfinite(constants)))} block "
+                        f"constant(s) overflow float32 (nested_absmax up to "
+                        f"{float(self.nested_absmax.max()):.4g}, offset {float(offset32):.4g});"
+                        " they would dequantize to infinity")
         else:
             _check_values("absmax", self.absmax, low=0.0)
 

@@ -7,14 +7,27 @@
  * whole (out, in) matrix first (what the training forward does) writes and
  * re-reads 4 or 2 bytes per weight; this kernel never forms W. Each block's
  * 16 weights code[c] * absmax[b] are formed in registers (the same float32
- * products dequantize writes) and multiplied into the running sums, so the
- * result equals x @ dequantize(W).T up to the order of the float32 sums, not
- * bit for bit (tests/test_kernels_equal.py states the bound).
+ * products dequantize writes) and multiplied into the running sums.
+ *
+ * The order of the float32 sums (so the result equals x @ dequantize(W).T up to
+ * that order, not bit for bit; tests/kernels/test_kernels_equal.py checks the
+ * bound gamma_n * sum |x| |w| on every path):
+ *
+ *   portable  one sum per output, over i = 0, 1, 2, ... in order;
+ *   vector    per output, 8 (avx2) or 16 (avx512) lane sums, each fed by fused
+ *             multiply-adds (one rounding per product-and-add); lane k of the
+ *             high-nibble sum takes the inputs at even positions and of the
+ *             low-nibble sum those at odd positions (see "x's layout" below),
+ *             one input group of 32 after another; with 1 or 2 rows of x the
+ *             two are separate chains, added at the end of every tile of about
+ *             512 inputs, with more rows one chain; at the end the lanes are
+ *             added pairwise (a tree).
  *
  * The vector paths need rows of W made of whole blocks (in_features %
  * blocksize == 0; every block size is a multiple of 32); otherwise, and on
- * other CPUs, the portable loop runs. lookup16.h's level picks the path (avx512: vpermps as a 16-entry table and fused multiply-adds;
- * avx2: the same with two 8-entry lookups and a blend; portable: plain C).
+ * other CPUs, the portable loop runs. lookup16.h's level picks the path
+ * (avx512 and avx512bf16: vpermps as a 16-entry table; avx2: two 8-entry
+ * lookups and a blend; portable: plain C).
  */
 #ifndef QLORA_REF_GEMV4_H
 #define QLORA_REF_GEMV4_H
@@ -50,6 +63,40 @@ static void gemv4_portable(const uint8_t* packed, const float* absmax, const flo
     }
 }
 
+/* ---- the vector paths' layout of x ------------------------------------------------
+ *
+ * 16 packed bytes hold 32 weights: high nibbles at even inputs, low nibbles at odd ones.
+ * Rather than interleave the looked-up weights back into input order (shuffles for
+ * every 32 weights of every row of W), the vector paths read x rearranged once per
+ * call: in each group of 32 inputs, the 16 at even positions, then the 16 at odd ones.
+ *
+ *     xs[r, g + k] = x[r, g + 2k],   xs[r, g + 16 + k] = x[r, g + 2k + 1],   k < 16, g % 32 == 0
+ *
+ * Each weight still meets its own x value; only the order of the float32 sums changes.
+ */
+static int gemv4_whole_blocks(ptrdiff_t blocksize, ptrdiff_t in_features) {
+    return in_features % blocksize == 0 && blocksize % 32 == 0;
+}
+
+/* does gemv4 want xs (the layout above) at the current level, for these shapes? */
+static int gemv4_wants_split_x(ptrdiff_t blocksize, ptrdiff_t in_features) {
+#ifdef QLORA_REF_X86_SIMD
+    return lookup16_current >= 2 && gemv4_whole_blocks(blocksize, in_features);
+#else
+    (void)blocksize; (void)in_features;
+    return 0;
+#endif
+}
+
+/* xs from x, m rows of in_features (a multiple of 32) */
+static void gemv4_split_x(const float* x, ptrdiff_t m, ptrdiff_t in_features, float* xs) {
+    for (ptrdiff_t g = 0; g < m * in_features; g += 32)
+        for (int k = 0; k < 16; k++) {
+            xs[g + k] = x[g + 2 * k];
+            xs[g + 16 + k] = x[g + 2 * k + 1];
+        }
+}
+
 #ifdef QLORA_REF_X86_SIMD
 
 /* ---- avx2 ----------------------------------------------------------------------- */
@@ -62,10 +109,20 @@ static inline float gemv4_sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* M rows of x at once (M a constant after inlining, so the accumulators stay in registers) */
+/* table[idx & 15] for 8 indexes: vpermps reads idx & 7; bit 3, shifted into the sign
+ * bit, picks the upper half (blendv reads only the sign) */
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m256 gemv4_lookup8_avx2(__m256i idx, __m256 low8, __m256 high8) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, idx),
+                            _mm256_permutevar8x32_ps(high8, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* M rows of x at once (M a constant after inlining, so the accumulators stay in registers);
+ * xs in the layout above */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void gemv4_avx2_rows(const uint8_t* packed, const float* absmax, const float* code,
-                                   ptrdiff_t blocksize, const float* x, const int M,
+                                   ptrdiff_t blocksize, const float* xs, const int M,
                                    ptrdiff_t in_features, ptrdiff_t o_start, ptrdiff_t o_end,
                                    float* y, ptrdiff_t out_features) {
     __m256 code_low = _mm256_loadu_ps(code), code_high = _mm256_loadu_ps(code + 8);
@@ -76,31 +133,36 @@ static inline void gemv4_avx2_rows(const uint8_t* packed, const float* absmax, c
     for (ptrdiff_t t0 = 0; t0 < in_features; t0 += tile) {
         ptrdiff_t t1 = t0 + tile < in_features ? t0 + tile : in_features;
         for (ptrdiff_t o = o_start; o < o_end; o++) {
-            __m256 acc[GEMV4_MAX_ROWS];
-            for (int r = 0; r < M; r++) acc[r] = sums[o - o_start][r];
+            __m256 acc_hi[GEMV4_MAX_ROWS], acc_lo[GEMV4_MAX_ROWS];
+            for (int r = 0; r < M; r++) {
+                acc_hi[r] = sums[o - o_start][r];
+                acc_lo[r] = _mm256_setzero_ps();
+            }
             const uint8_t* row = packed + (o * in_features >> 1);
             const float* scales = absmax + o * in_features / blocksize;
             for (ptrdiff_t i0 = t0; i0 < t1; i0 += blocksize) {
                 __m256 s = _mm256_set1_ps(scales[i0 / blocksize]);
                 __m256 low8 = _mm256_mul_ps(code_low, s), high8 = _mm256_mul_ps(code_high, s);
                 for (ptrdiff_t i = i0; i < i0 + blocksize; i += 32) {   /* 16 bytes, 32 weights */
-                    __m128i first16, last16;
-                    LOOKUP16_SPLIT(row + (i >> 1), first16, last16);
-                    __m256 w0 = lookup16_8floats_avx2(first16, low8, high8);
-                    __m256 w1 = lookup16_8floats_avx2(_mm_srli_si128(first16, 8), low8, high8);
-                    __m256 w2 = lookup16_8floats_avx2(last16, low8, high8);
-                    __m256 w3 = lookup16_8floats_avx2(_mm_srli_si128(last16, 8), low8, high8);
-                    for (int r = 0; r < M; r++) {
-                        const float* xr = x + r * in_features + i;
-                        __m256 p = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0,
-                                                   _mm256_mul_ps(_mm256_loadu_ps(xr + 8), w1));
-                        p = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, p);
-                        p = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, p);
-                        acc[r] = _mm256_add_ps(acc[r], p);
+                    for (int half = 0; half < 2; half++) {               /* 8 bytes each */
+                        __m256i lo = _mm256_cvtepu8_epi32(
+                            _mm_loadl_epi64((const __m128i*)(row + (i >> 1) + 8 * half)));
+                        __m256i hi = _mm256_srli_epi32(lo, 4);
+                        __m256 w_hi = gemv4_lookup8_avx2(hi, low8, high8);   /* even inputs */
+                        __m256 w_lo = gemv4_lookup8_avx2(lo, low8, high8);   /* odd inputs */
+                        for (int r = 0; r < M; r++) {
+                            const float* xr = xs + r * in_features + i + 8 * half;
+                            __m256 x_even = _mm256_loadu_ps(xr), x_odd = _mm256_loadu_ps(xr + 16);
+                            acc_hi[r] = _mm256_fmadd_ps(x_even, w_hi, acc_hi[r]);
+                            if (M <= 2)    /* few sums: two chains each, the adds need not wait */
+                                acc_lo[r] = _mm256_fmadd_ps(x_odd, w_lo, acc_lo[r]);
+                            else          /* M chains already: the registers go to them */
+                                acc_hi[r] = _mm256_fmadd_ps(x_odd, w_lo, acc_hi[r]);
+                        }
                     }
                 }
             }
-            for (int r = 0; r < M; r++) sums[o - o_start][r] = acc[r];
+            for (int r = 0; r < M; r++) sums[o - o_start][r] = _mm256_add_ps(acc_hi[r], acc_lo[r]);
         }
     }
     for (ptrdiff_t o = o_start; o < o_end; o++)
@@ -109,9 +171,9 @@ static inline void gemv4_avx2_rows(const uint8_t* packed, const float* absmax, c
 
 __attribute__((target("avx2,fma")))
 static void gemv4_avx2(const uint8_t* packed, const float* absmax, const float* code,
-                       ptrdiff_t blocksize, const float* x, ptrdiff_t m, ptrdiff_t in_features,
+                       ptrdiff_t blocksize, const float* xs, ptrdiff_t m, ptrdiff_t in_features,
                        ptrdiff_t o_start, ptrdiff_t o_end, float* y, ptrdiff_t out_features) {
-#define GEMV4_CASE(M) case M: gemv4_avx2_rows(packed, absmax, code, blocksize, x, M,           \
+#define GEMV4_CASE(M) case M: gemv4_avx2_rows(packed, absmax, code, blocksize, xs, M,          \
                           in_features, o_start, o_end, y, out_features); break;
     switch (m) { GEMV4_CASE(1) GEMV4_CASE(2) GEMV4_CASE(3) GEMV4_CASE(4)
                  GEMV4_CASE(5) GEMV4_CASE(6) GEMV4_CASE(7) GEMV4_CASE(8) }
@@ -122,7 +184,7 @@ static void gemv4_avx2(const uint8_t* packed, const float* absmax, const float* 
 
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline void gemv4_avx512_rows(const uint8_t* packed, const float* absmax,
-                                     const float* code, ptrdiff_t blocksize, const float* x,
+                                     const float* code, ptrdiff_t blocksize, const float* xs,
                                      const int M, ptrdiff_t in_features, ptrdiff_t o_start,
                                      ptrdiff_t o_end, float* y, ptrdiff_t out_features) {
     __m512 code16 = _mm512_loadu_ps(code);
@@ -133,31 +195,36 @@ static inline void gemv4_avx512_rows(const uint8_t* packed, const float* absmax,
     for (ptrdiff_t t0 = 0; t0 < in_features; t0 += tile) {  /* M x tile inputs stay in L1 */
         ptrdiff_t t1 = t0 + tile < in_features ? t0 + tile : in_features;
         for (ptrdiff_t o = o_start; o < o_end; o++) {
-            __m512 acc[GEMV4_MAX_ROWS];
-            for (int r = 0; r < M; r++) acc[r] = sums[o - o_start][r];
+            __m512 acc_hi[GEMV4_MAX_ROWS], acc_lo[GEMV4_MAX_ROWS];
+            for (int r = 0; r < M; r++) {
+                acc_hi[r] = sums[o - o_start][r];
+                acc_lo[r] = _mm512_setzero_ps();
+            }
             const uint8_t* row = packed + (o * in_features >> 1);
             const float* scales = absmax + o * in_features / blocksize;
             for (ptrdiff_t i0 = t0; i0 < t1; i0 += blocksize) {
                 /* the block's 16 weights: the float32 products of dequantize, exactly */
                 __m512 table = _mm512_mul_ps(code16, _mm512_set1_ps(scales[i0 / blocksize]));
                 for (ptrdiff_t i = i0; i < i0 + blocksize; i += 32) {   /* 16 bytes, 32 weights */
-                    __m128i first16, last16;
-                    LOOKUP16_SPLIT(row + (i >> 1), first16, last16);
-                    __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(first16), table);
-                    __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(last16), table);
+                    /* vpermps reads an index's low 4 bits: the byte itself is the low
+                     * nibble's index, the byte >> 4 the high nibble's */
+                    __m512i lo = _mm512_cvtepu8_epi32(
+                        _mm_loadu_si128((const __m128i*)(row + (i >> 1))));
+                    __m512i hi = _mm512_srli_epi32(lo, 4);
+                    __m512 w_hi = _mm512_permutexvar_ps(hi, table);   /* even inputs */
+                    __m512 w_lo = _mm512_permutexvar_ps(lo, table);   /* odd inputs */
                     for (int r = 0; r < M; r++) {
-                        const float* xr = x + r * in_features + i;
-                        if (M == 1) {   /* one sum: keep its dependency chain to one add */
-                            acc[r] = _mm512_add_ps(acc[r], _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0,
-                                _mm512_mul_ps(_mm512_loadu_ps(xr + 16), w1)));
-                        } else {        /* M independent sums: fewer instructions instead */
-                            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc[r]);
-                            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc[r]);
-                        }
+                        const float* xr = xs + r * in_features + i;
+                        __m512 x_even = _mm512_loadu_ps(xr), x_odd = _mm512_loadu_ps(xr + 16);
+                        acc_hi[r] = _mm512_fmadd_ps(x_even, w_hi, acc_hi[r]);
+                        if (M <= 2)    /* few sums: two chains each, the adds need not wait */
+                            acc_lo[r] = _mm512_fmadd_ps(x_odd, w_lo, acc_lo[r]);
+                        else          /* M chains already: the registers go to them */
+                            acc_hi[r] = _mm512_fmadd_ps(x_odd, w_lo, acc_hi[r]);
                     }
                 }
             }
-            for (int r = 0; r < M; r++) sums[o - o_start][r] = acc[r];
+            for (int r = 0; r < M; r++) sums[o - o_start][r] = _mm512_add_ps(acc_hi[r], acc_lo[r]);
         }
     }
     for (ptrdiff_t o = o_start; o < o_end; o++)
@@ -167,9 +234,9 @@ static inline void gemv4_avx512_rows(const uint8_t* packed, const float* absmax,
 
 __attribute__((target("avx512f,avx512bw")))
 static void gemv4_avx512(const uint8_t* packed, const float* absmax, const float* code,
-                         ptrdiff_t blocksize, const float* x, ptrdiff_t m, ptrdiff_t in_features,
+                         ptrdiff_t blocksize, const float* xs, ptrdiff_t m, ptrdiff_t in_features,
                          ptrdiff_t o_start, ptrdiff_t o_end, float* y, ptrdiff_t out_features) {
-#define GEMV4_CASE(M) case M: gemv4_avx512_rows(packed, absmax, code, blocksize, x, M,         \
+#define GEMV4_CASE(M) case M: gemv4_avx512_rows(packed, absmax, code, blocksize, xs, M,        \
                           in_features, o_start, o_end, y, out_features); break;
     switch (m) { GEMV4_CASE(1) GEMV4_CASE(2) GEMV4_CASE(3) GEMV4_CASE(4)
                  GEMV4_CASE(5) GEMV4_CASE(6) GEMV4_CASE(7) GEMV4_CASE(8) }
@@ -177,35 +244,39 @@ static void gemv4_avx512(const uint8_t* packed, const float* absmax, const float
 }
 #endif  /* x86-64 SIMD */
 
-/* Up to GEMV4_MAX_ROWS rows of x: the path of lookup16.h's current level, or the portable one
- * whenever rows of W are not whole blocks. */
+/* Up to GEMV4_MAX_ROWS rows of x: the path of lookup16.h's current level when xs (x in the
+ * vector paths' layout) is given, or the portable one */
 static void gemv4_rows(const uint8_t* packed, const float* absmax, const float* code,
-                       ptrdiff_t blocksize, const float* x, ptrdiff_t m, ptrdiff_t in_features,
-                       ptrdiff_t o_start, ptrdiff_t o_end, float* y, ptrdiff_t out_features) {
+                       ptrdiff_t blocksize, const float* x, const float* xs, ptrdiff_t m,
+                       ptrdiff_t in_features, ptrdiff_t o_start, ptrdiff_t o_end, float* y,
+                       ptrdiff_t out_features) {
 #ifdef QLORA_REF_X86_SIMD
-    int whole = in_features % blocksize == 0 && blocksize % 32 == 0;
-    if (whole && lookup16_current >= 2) {
+    if (xs != NULL && gemv4_whole_blocks(blocksize, in_features) && lookup16_current >= 2) {
         for (ptrdiff_t o = o_start; o < o_end; o += GEMV4_TASK_ROWS) {
             ptrdiff_t end = o + GEMV4_TASK_ROWS < o_end ? o + GEMV4_TASK_ROWS : o_end;
-            (lookup16_current == 3 ? gemv4_avx512 : gemv4_avx2)(
-                packed, absmax, code, blocksize, x, m, in_features, o, end, y, out_features);
+            (lookup16_current >= 3 ? gemv4_avx512 : gemv4_avx2)(
+                packed, absmax, code, blocksize, xs, m, in_features, o, end, y, out_features);
         }
         return;
     }
 #endif
+    (void)xs;
     gemv4_portable(packed, absmax, code, blocksize, x, m, in_features, o_start, o_end, y,
                    out_features);
 }
 
 /* Any number of rows of x, GEMV4_MAX_ROWS at a time (each group reads the codes again;
- * the rows of W a task covers stay in cache between groups). */
+ * the rows of W a task covers stay in cache between groups). xs: x in the vector paths'
+ * layout (gemv4_split_x), or NULL for the portable path. */
 static void gemv4(const uint8_t* packed, const float* absmax, const float* code,
-                  ptrdiff_t blocksize, const float* x, ptrdiff_t m, ptrdiff_t in_features,
-                  ptrdiff_t o_start, ptrdiff_t o_end, float* y, ptrdiff_t out_features) {
+                  ptrdiff_t blocksize, const float* x, const float* xs, ptrdiff_t m,
+                  ptrdiff_t in_features, ptrdiff_t o_start, ptrdiff_t o_end, float* y,
+                  ptrdiff_t out_features) {
     for (ptrdiff_t r = 0; r < m; r += GEMV4_MAX_ROWS) {
         ptrdiff_t rows = m - r < GEMV4_MAX_ROWS ? m - r : GEMV4_MAX_ROWS;
-        gemv4_rows(packed, absmax, code, blocksize, x + r * in_features, rows, in_features,
-                   o_start, o_end, y + r * out_features, out_features);
+        gemv4_rows(packed, absmax, code, blocksize, x + r * in_features,
+                   xs != NULL ? xs + r * in_features : NULL, rows, in_features, o_start, o_end,
+                   y + r * out_features, out_features);
     }
 }
 

@@ -1,66 +1,36 @@
 # cython: language_level=3
 """Cython kernels for blockwise quantization, 4-bit packing and dequantization.
 
-Loops only, over typed memoryviews, without the GIL; blocks are split
-across threads with ``prange`` when the extension was built with OpenMP.
-Every function names the NumPy expression it equals; the tests check the
-bytes are the same (``tests/test_kernels_equal.py``). Arithmetic is float32
+Loops only, over typed memoryviews, without the GIL; blocks are split across
+threads with ``prange`` when the extension was built with OpenMP. Every
+function names the NumPy expression it equals; the tests check the bytes are
+the same (``tests/kernels/test_kernels_equal.py``). Arithmetic is float32
 throughout and the extension is compiled with ``-ffp-contract=off`` so that
 ``a * b + c`` is rounded twice, exactly as NumPy (and bitsandbytes) round it.
+The inner loops of dequantization are C, chosen at run time for the CPU
+(``lookup16.h``); the fused decoding product is ``gemv4.h``.
 
 Inputs are finite (``qlora_ref.validation`` rejects NaN and infinity before
-any kernel runs); the kernels rely on it only where noted.
-
-Argument checks: every ``def`` first checks, in O(1) and before any loop,
-that its array lengths agree with each other and with ``blocksize``, that
-``blocksize`` is positive (even where two codes share a byte), that a pad
-code is 0..15, ``num_threads`` at least 1 and the input not empty, and that
-the tables are those of a code: 16 or 256 values, finite and within [-1, 1]
-(``qlora_ref.validation.check_code``), sorted NaN-free midpoints, in-range
-sort indices; it raises ``ValueError`` naming the argument, the
-expected and the actual value. The loops run without bounds checks, so a
-wrong length would otherwise read or write past an array (seen: uninitialised
-floats from a short ``absmax``, NaN from a 16-entry table given to the 8-bit
-kernel). Each memoryview argument is marked ``# in:`` or ``# out:`` with its
-length.
-
-Note (checks in a kernel file): the choice of path and the validation of
-meaning live in Python (``qlora_ref.validation``, ``QuantState.validate``);
-this file holds loops. These checks guard memory, not meaning, for every
-caller of a ``def`` here, cost a few comparisons per call, and choose
-nothing: no dispatch moved into this file.
+any kernel runs); the kernels rely on it only where noted. Each ``def``
+first checks its arguments' lengths (``checks.pxi``, included below); each
+memoryview argument is marked ``# in:`` or ``# out:`` with its length.
 
 Compiler directives are set in ``setup.py``, not in this file's header
 (which would override them): ``boundscheck=False, wraparound=False,
 cdivision=True, initializedcheck=False``, or, with
 ``QLORA_REF_DEBUG_CYTHON=1``, all four the other way round (:data:`DEBUG_BUILD`
-says which). The debug build checks every memoryview index; the small
-``inline`` helpers that loop over raw pointers (``_dequantize_4bit_block``,
-``_pack_range``, ...) are covered only by the length checks above.
+says which). The debug build checks every memoryview index; the C helpers
+that loop over raw pointers (``lookup16.h``, ``gemv4.h``, ``_pack_range``, ...)
+are covered only by the length checks.
 
-Speed notes (measured in ``docs/benchmarks.md`` with ``python -m qlora_ref.bench``):
-
-* *Nearest 4-bit code by counting.* The sorted position of ``v`` among the
-  15 midpoints is ``#{k : mids[k] < v}``. Counting it with 15 compares, 32
-  values at a time, has no branches and vectorises with SSE2 alone; the
-  binary search it replaces mispredicted about every other step.
-* *Block absmax on the bits.* A float max reduction is not vectorised
-  without ``-ffast-math``; the same maximum taken over the int32 bit
-  patterns (sign cleared) is, and gives the same number for finite input.
-* *Dequantize through a per-block table.* A block has only 16 distinct
-  outputs ``code[c] * scale``; they are computed first (the same float32
-  products, rounded the same way) and each element is one lookup. The
-  bfloat16 kernels round that table, not every element.
-* *Raw pointers in the byte loops.* A ``uint8`` store may alias anything,
-  including a memoryview's data pointer, so pack/unpack run over plain
-  pointers in small inline functions; GCC then vectorises them.
-* *Portable flags.* No ``-march=native`` by default: the build vectorises
-  with the baseline instruction set (SSE2 on x86-64, NEON on arm64);
-  ``QLORA_REF_NATIVE=1`` opts in to the build machine's (AVX2 here).
+Why the loops are written as they are (counting instead of searching, absmax
+on the bits, a 16-entry table per block, raw pointers in the byte loops) and
+what they measure: ``docs/benchmarks.md`` (``qlora-ref bench``).
 """
 cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int32_t, uint16_t, uint32_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from operator import index as _as_index
 
@@ -74,11 +44,16 @@ cdef enum:
     HALF_CHUNK = 16 # bytes they pack into
     N_MIDS_4BIT = 15
     SPAN = 16384    # bytes per parallel task in pack/unpack
+    BLOCKS_PER_TASK = 256     # 4-bit blocks per call of the dequantize loop (and parallel task)
+    GEMV_ROWS_PER_TASK = 16   # output rows per parallel task
 
 
 ctypedef fused out_t:   # dequantized output: float32, or bfloat16 bits
     float
     uint16_t
+
+
+include "checks.pxi"
 
 
 cdef extern from *:
@@ -88,8 +63,14 @@ cdef extern from *:
     #else
     static int _debug_build(void) { return 0; }
     #endif
+    #ifdef _OPENMP
+    static int _openmp(void) { return 1; }
+    #else
+    static int _openmp(void) { return 0; }
+    #endif
     """
     int _debug_build()
+    int _openmp()
 
 #: True if this extension is the debug build (``QLORA_REF_DEBUG_CYTHON=1`` in
 #: ``setup.py``): bounds and wraparound checks on, C division off, so an
@@ -99,12 +80,20 @@ cdef extern from *:
 DEBUG_BUILD = bool(_debug_build())
 
 
+def openmp_enabled():
+    """True if this extension was compiled with OpenMP (``prange`` runs in parallel)."""
+    return bool(_openmp())
+
+
 cdef extern from "lookup16.h" nogil:
-    # out[2j], out[2j+1] = code[bytes[j] >> 4] * scale, code[bytes[j] & 15] * scale
-    void lookup16_f32(const u8* bytes, Py_ssize_t n_bytes, const float* code, float scale,
-                      float* out)
-    void lookup16_bf16(const u8* bytes, Py_ssize_t n_bytes, const float* code, float scale,
-                       uint16_t* out)
+    # out[2j], out[2j+1] = code[bytes[j] >> 4] * scale, code[bytes[j] & 15] * scale, where
+    # scale = scales[j // block_bytes]: a run of blocks, the last one possibly shorter
+    void lookup16_f32(const u8* bytes, Py_ssize_t n_bytes, Py_ssize_t block_bytes,
+                      const float* scales, const float* code, float* out)
+    void lookup16_bf16(const u8* bytes, Py_ssize_t n_bytes, Py_ssize_t block_bytes,
+                       const float* scales, const float* code, uint16_t* out)
+    # float32 -> bfloat16 bits: nearest even, subnormals to a signed zero, NaN quieted
+    uint16_t lookup16_bf16_bits(float v)
     int lookup16_select(int level)
     int lookup16_level()
     int lookup16_best()
@@ -112,12 +101,16 @@ cdef extern from "lookup16.h" nogil:
 cdef extern from "gemv4.h" nogil:
     # y[r, o] = sum_i x[r, i] * code[q(o, i)] * absmax[block of (o, i)]
     void gemv4(const u8* packed, const float* absmax, const float* code, Py_ssize_t blocksize,
-               const float* x, Py_ssize_t m, Py_ssize_t in_features, Py_ssize_t o_start,
-               Py_ssize_t o_end, float* y, Py_ssize_t out_features)
+               const float* x, const float* xs, Py_ssize_t m, Py_ssize_t in_features,
+               Py_ssize_t o_start, Py_ssize_t o_end, float* y, Py_ssize_t out_features)
+    # xs: x with each 32 inputs reordered evens-then-odds, what the vector paths read
+    int gemv4_wants_split_x(Py_ssize_t blocksize, Py_ssize_t in_features)
+    void gemv4_split_x(const float* x, Py_ssize_t m, Py_ssize_t in_features, float* xs)
 
 #: The inner loop of 4-bit dequantization, by name (lookup16.h): every path writes
 #: the same bytes; they differ in how many lookups one instruction does.
-SIMD_LEVELS = ("portable", "avx2", "avx512")
+#: "avx512bf16" is "avx512" with the bfloat16 rounding done by vcvtneps2bf16.
+SIMD_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")
 
 
 def simd_levels():
@@ -142,142 +135,17 @@ def set_simd_level(str name):
 lookup16_select(0)  # the best the CPU has, until told otherwise
 
 
-def openmp_enabled():
-    """True if this extension was compiled with OpenMP (``prange`` runs in parallel)."""
-    return bool(_openmp())
-
-
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    static int _openmp(void) { return 1; }
-    #else
-    static int _openmp(void) { return 0; }
-    #endif
-    """
-    int _openmp()
-
-
-# -- argument checks -----------------------------------------------------------
-#
-# O(1) each (a table check reads at most 256 entries, whatever n is); run with
-# the GIL, before a kernel's loops. They raise ValueError naming the argument.
-
-cdef inline Py_ssize_t _ceil_div(Py_ssize_t n, Py_ssize_t d) noexcept:
-    """``ceil(n / d)`` for ``n >= 0, d > 0``, without the overflow of ``(n + d - 1) // d``."""
-    return n // d + (n % d != 0)
-
-
-cdef int _check_length(str name, Py_ssize_t actual, Py_ssize_t expected, str why) except -1:
-    """``len(name) == expected``, where ``why`` says where ``expected`` comes from."""
-    if actual != expected:
-        raise ValueError(f"{name} has length {actual}; expected {expected} ({why})")
-    return 0
-
-
-cdef int _check_blocks(str name, Py_ssize_t actual, Py_ssize_t n, str n_name,
-                       Py_ssize_t blocksize, str blocksize_name) except -1:
-    """One constant per block: ``len(name) == ceil(n / blocksize)`` (a partial block counts)."""
-    cdef Py_ssize_t expected = _ceil_div(n, blocksize)
-    if actual != expected:
-        raise ValueError(
-            f"{name} has length {actual}; expected ceil({n_name} / {blocksize_name}) = "
-            f"ceil({n} / {blocksize}) = {expected}, one per block")
-    return 0
-
-
-cdef int _check_packed(str name, Py_ssize_t actual, Py_ssize_t n, str n_name) except -1:
-    """Two 4-bit codes per byte: ``len(name) == ceil(n / 2)``."""
-    cdef Py_ssize_t expected = _ceil_div(n, 2)
-    if actual != expected:
-        raise ValueError(f"{name} has length {actual}; expected ceil({n_name} / 2) = "
-                         f"ceil({n} / 2) = {expected} bytes, two 4-bit codes per byte")
-    return 0
-
-
-cdef int _check_blocksize(str name, Py_ssize_t blocksize, bint even) except -1:
-    """``blocksize > 0``; and even where codes are packed, so a byte never spans two blocks."""
-    if blocksize <= 0 or (even and blocksize % 2 != 0):
-        raise ValueError(f"{name} must be {'an even' if even else 'a'} positive integer here; "
-                         f"got {blocksize}")
-    return 0
-
-
-cdef int _check_nonempty(str name, Py_ssize_t n) except -1:
-    """(De)quantization needs at least one value, as its NumPy twins do."""
-    if n == 0:
-        raise ValueError(f"{name} is empty; there is nothing to quantize or dequantize")
-    return 0
-
-
-cdef int _check_threads(int num_threads) except -1:
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be at least 1; got {num_threads}")
-    return 0
-
-
-cdef int _check_code(str name, const float[::1] code, Py_ssize_t levels) except -1:
-    """A code table: ``levels`` values, each finite and within [-1, 1].
-
-    The rule of ``qlora_ref.validation.check_code``, which the NumPy twins apply:
-    a NaN entry would otherwise come out as NaN wherever a code points to it.
-    """
-    cdef Py_ssize_t k
-    cdef bint inside = True
-    _check_length(name, code.shape[0], levels, "the values of the code")
-    for k in range(levels):                  # no early exit: the loop vectorises
-        inside = inside & (-1 <= code[k]) & (code[k] <= 1)     # False for NaN
-    if not inside:
-        for k in range(levels):
-            if not -1 <= code[k] <= 1:
-                raise ValueError(f"{name} values must be finite and within [-1, 1]; "
-                                 f"got {name}[{k}] = {code[k]}")
-    return 0
-
-
-cdef int _check_log2_levels(int log2_levels) except -1:
-    if not 1 <= log2_levels <= 8:       # codes are uint8
-        raise ValueError(f"log2_levels must be 1..8 (a code of 2 to 256 values); "
-                         f"got {log2_levels}")
-    return 0
-
-
-cdef int _check_tables(const float[::1] midpoints, const u8[::1] order,
-                       Py_ssize_t levels) except -1:
-    """The tables of a ``levels``-value code, as ``decision_boundaries(code)`` makes them.
-
-    ``levels - 1`` midpoints, sorted and free of NaN (the nearest-code search
-    counts or bisects on that order); ``levels`` sort-order entries, each an
-    index below ``levels`` (packed, an index of 16 would spill into the
-    neighbouring nibble).
-    """
-    cdef Py_ssize_t k
-    _check_length("midpoints", midpoints.shape[0], levels - 1, "one between each two code values")
-    _check_length("order", order.shape[0], levels, "one per code value")
-    for k in range(levels - 1):
-        if midpoints[k] != midpoints[k] or (k > 0 and not midpoints[k - 1] <= midpoints[k]):
-            raise ValueError(f"midpoints must be sorted and free of NaN; got "
-                             f"midpoints[{k}] = {midpoints[k]} after "
-                             f"{midpoints[k - 1] if k > 0 else None}")
-    for k in range(levels):
-        if order[k] >= levels:
-            raise ValueError(f"order[{k}] = {order[k]} is not an index into a code of "
-                             f"{levels} values")
-    return 0
-
-
-cdef int _checked_pad(object pad) except -1:
-    """The pad nibble as an int 0..15 (the same rule as ``qlora_ref.packing.pack_nibbles``)."""
-    try:
-        value = _as_index(pad)
-    except TypeError:
-        value = None
-    if value is None or isinstance(pad, bool) or not 0 <= value <= 15:
-        raise ValueError(f"pad must be a 4-bit code, an integer from 0 to 15; got {pad!r}")
-    return value
-
-
 # -- helpers -----------------------------------------------------------------
+
+cdef inline Py_ssize_t _block_end(Py_ssize_t b, Py_ssize_t blocksize, Py_ssize_t n) noexcept nogil:
+    """One past the last index of block ``b``: ``min((b + 1) * blocksize, n)``.
+
+    The last block may be partial (matches bitsandbytes: a trailing partial
+    block is its own block, with its own constant).
+    """
+    cdef Py_ssize_t end = (b + 1) * blocksize
+    return n if end > n else end
+
 
 cdef inline int _count_below(const float* mids, int log2_levels, float v) noexcept nogil:
     """Number of midpoints strictly below ``v`` (= ``searchsorted(mids, v, "left")``).
@@ -358,40 +226,51 @@ cdef inline void _quantize_4bit_chunk(const float* x, float scale, const float* 
         packed[i] = pair_order[pairs[i]]
 
 
-cdef inline uint16_t _bfloat16_bits(float v) noexcept nogil:
-    """float32 -> bfloat16 bits, round to nearest, ties to even.
-
-    The rule of torch's ``tensor.to(torch.bfloat16)`` (c10::round_to_nearest_even):
-    add 0x7FFF plus the lowest kept bit, keep the high 16 bits; NaN -> 0x7FC0.
-    Written without branches so that a table of 16 converts in SIMD.
-    """
-    cdef uint32_t u
-    cdef uint16_t rounded
-    memcpy(&u, &v, 4)
-    rounded = <uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
-    return 0x7FC0 if v != v else rounded
-
-
-cdef inline void _dequantize_4bit_block(const u8* packed, const float* code, float scale,
-                                        Py_ssize_t start, Py_ssize_t end,
-                                        out_t* out) noexcept nogil:
-    """``out[i] = code[q_i] * scale`` for i in [start, end), ``q`` read from the nibbles.
+cdef inline void _dequantize_4bit_blocks(const u8* packed, const float* code, const float* scales,
+                                         Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t blocksize,
+                                         Py_ssize_t n, out_t* out) noexcept nogil:
+    """``out[i] = code[q_i] * scales[b - b0]`` for the elements ``i`` of blocks [b0, b1).
 
     A block has only 16 distinct outputs: they are computed first (the same
     float32 products, so the same roundings), then each element is a lookup,
-    two per byte, by the path of ``lookup16.h`` chosen for this CPU.
+    two per byte, by the path of ``lookup16.h`` chosen for this CPU. bfloat16
+    is rounded by ``lookup16_bf16_bits``: nearest even, a subnormal to a zero of
+    its sign (as bitsandbytes' AVX512-BF16 kernel does).
     """
+    cdef Py_ssize_t start = b0 * blocksize, end = _block_end(b1 - 1, blocksize, n)
     if out_t is float:
-        lookup16_f32(packed + (start >> 1), (end - start) >> 1, code, scale, out + start)
+        lookup16_f32(packed + (start >> 1), (end - start) >> 1, blocksize >> 1, scales, code,
+                     out + start)
         if (end - start) % 2:  # an odd tail: its value is the high nibble of the last byte
-            out[end - 1] = code[packed[(end - 1) >> 1] >> 4] * scale
+            out[end - 1] = code[packed[(end - 1) >> 1] >> 4] * scales[b1 - 1 - b0]
     else:
-        lookup16_bf16(packed + (start >> 1), (end - start) >> 1, code, scale, out + start)
+        lookup16_bf16(packed + (start >> 1), (end - start) >> 1, blocksize >> 1, scales, code,
+                      out + start)
         if (end - start) % 2:
-            out[end - 1] = _bfloat16_bits(code[packed[(end - 1) >> 1] >> 4] * scale)
-    # start < end and start even: the callers check len(absmax) == ceil(n / blocksize) and an
-    # even blocksize (one constant too many made end - start negative, and this line wrote
-    # the last output again with that constant's scale)
+            out[end - 1] = lookup16_bf16_bits(code[packed[(end - 1) >> 1] >> 4]
+                                              * scales[b1 - 1 - b0])
+    # start even and b0 < b1 <= ceil(n / blocksize): the callers check len(absmax) ==
+    # ceil(n / blocksize) and an even blocksize (one constant too many made end - start
+    # negative, and the odd-tail line wrote the last output again with that constant)
+
+
+cdef inline void _dequantize_4bit_nested_blocks(
+        const u8* packed, const u8* absmax_codes, const float* nested_absmax,
+        const float* nested_code, float offset, Py_ssize_t nested_blocksize, const float* code,
+        Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t blocksize, Py_ssize_t n,
+        out_t* out) noexcept nogil:
+    """:func:`_dequantize_4bit_blocks` with each block's constant double-dequantized first."""
+    cdef float scales[BLOCKS_PER_TASK]   # on this thread's stack
+    cdef float product
+    cdef Py_ssize_t b
+    cdef Py_ssize_t nested = b0 // nested_blocksize, seen = b0 % nested_blocksize  # b // nbs
+    for b in range(b0, b1):
+        product = nested_code[absmax_codes[b]] * nested_absmax[nested]
+        scales[b - b0] = product + offset              # rounded after the product and the sum
+        seen = seen + 1
+        if seen == nested_blocksize:                   # (no division per block)
+            nested, seen = nested + 1, 0
+    _dequantize_4bit_blocks(packed, code, scales, b0, b1, blocksize, n, out)
 
 
 # -- quantization --------------------------------------------------------------
@@ -412,24 +291,15 @@ def quantize_blockwise(const float[::1] x,           # in: (n,) float32 values
     (``0 * inf``: every value of an all-zero block) gets index 0.
     """
     cdef Py_ssize_t n = x.shape[0]
-    cdef Py_ssize_t n_blocks = absmax.shape[0]
-    cdef Py_ssize_t b, i, start, end
+    cdef Py_ssize_t b, i, end
     cdef float scale, v
-    _check_nonempty("x", n)
-    _check_log2_levels(log2_levels)
-    _check_blocksize("blocksize", blocksize, False)
-    _check_threads(num_threads)
-    _check_tables(midpoints, order, 1 << log2_levels)
-    _check_length("codes", codes.shape[0], n, "one per value of x")
-    _check_blocks("absmax", n_blocks, n, "len(x)", blocksize, "blocksize")
-    for b in prange(n_blocks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = b * blocksize
-        end = start + blocksize
-        if end > n:
-            end = n
-        absmax[b] = _block_absmax(&x[start], end - start)
+    _check_quantize_blockwise(n, midpoints, order, log2_levels, blocksize, codes.shape[0],
+                              absmax.shape[0], num_threads)
+    for b in prange(absmax.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
+        end = _block_end(b, blocksize, n)
+        absmax[b] = _block_absmax(&x[b * blocksize], end - b * blocksize)
         scale = _reciprocal_unclamped(absmax[b])   # matches bitsandbytes' 8-bit kernel: no floor
-        for i in range(start, end):
+        for i in range(b * blocksize, end):
             v = x[i] * scale
             codes[i] = 0 if v != v else order[_count_below(&midpoints[0], log2_levels, v)]
 
@@ -449,29 +319,21 @@ def quantize_4bit_packed(const float[::1] x,           # in: (n,) float32 values
     like ``pack_nibbles`` it raises ``ValueError`` for a ``pad_code`` outside 0..15.
     """
     cdef Py_ssize_t n = x.shape[0]
-    cdef Py_ssize_t n_blocks = absmax.shape[0]
-    cdef Py_ssize_t b, i, start, end
+    cdef Py_ssize_t b, i, end
     cdef float scale
     cdef u8 high, low
     cdef u8 pad = _checked_pad(pad_code)
     cdef u8 pair_order[256]     # (sorted index pair) -> packed byte of the two codes
     cdef int p
-    _check_nonempty("x", n)
-    _check_blocksize("blocksize", blocksize, True)
-    _check_threads(num_threads)
-    _check_tables(midpoints, order, 16)
-    _check_packed("packed", packed.shape[0], n, "len(x)")
-    _check_blocks("absmax", n_blocks, n, "len(x)", blocksize, "blocksize")
+    _check_quantize_4bit(n, midpoints, order, blocksize, packed.shape[0], absmax.shape[0],
+                         num_threads)
     for p in range(256):
         pair_order[p] = (order[p >> 4] << 4) | order[p & 15]
-    for b in prange(n_blocks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = b * blocksize
-        end = start + blocksize
-        if end > n:
-            end = n
-        absmax[b] = _block_absmax(&x[start], end - start)
+    for b in prange(absmax.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
+        end = _block_end(b, blocksize, n)
+        absmax[b] = _block_absmax(&x[b * blocksize], end - b * blocksize)
         scale = _reciprocal(absmax[b])
-        i = start
+        i = b * blocksize
         while i + CHUNK <= end:                       # whole chunks: vectorised
             _quantize_4bit_chunk(&x[i], scale, &midpoints[0], pair_order, &packed[i >> 1])
             i = i + CHUNK
@@ -498,83 +360,32 @@ def dequantize_blockwise(const u8[::1] codes,      # in: (n,) indices into code
     ``code`` must have 256 values, so that every uint8 code indexes it.
     """
     cdef Py_ssize_t n = codes.shape[0]
-    cdef Py_ssize_t n_blocks = absmax.shape[0]
-    cdef Py_ssize_t b, i, start, end
+    cdef Py_ssize_t b, i
     cdef float scale
-    _check_nonempty("codes", n)
-    _check_blocksize("blocksize", blocksize, False)
-    _check_threads(num_threads)
-    _check_code("code", code, 256)         # 256: every uint8 code indexes it
-    _check_length("out", out.shape[0], n, "one per code")
-    _check_blocks("absmax", n_blocks, n, "len(codes)", blocksize, "blocksize")
-    for b in prange(n_blocks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = b * blocksize
-        end = start + blocksize
-        if end > n:
-            end = n
+    _check_dequantize_blockwise(n, code, blocksize, out.shape[0], absmax.shape[0], num_threads)
+    for b in prange(absmax.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
         scale = absmax[b]
-        for i in range(start, end):
+        for i in range(b * blocksize, _block_end(b, blocksize, n)):
             out[i] = code[codes[i]] * scale
-
-
-cdef int _check_4bit_dequantize(Py_ssize_t n, Py_ssize_t packed_len, Py_ssize_t n_constants,
-                                str constants_name, const float[::1] code, Py_ssize_t blocksize,
-                                int num_threads) except -1:
-    """What every packed 4-bit dequantization kernel needs of its arguments."""
-    _check_nonempty("out", n)
-    _check_blocksize("blocksize", blocksize, True)
-    _check_threads(num_threads)
-    _check_code("code", code, 16)
-    _check_packed("packed", packed_len, n, "len(out)")
-    _check_blocks(constants_name, n_constants, n, "len(out)", blocksize, "blocksize")
-    return 0
 
 
 def dequantize_4bit_packed(const u8[::1] packed,      # in: (ceil(n / 2),) two codes a byte
                            const float[::1] absmax,   # in: (ceil(n / blocksize),)
                            const float[::1] code,     # in: (16,)
                            Py_ssize_t blocksize,
-                           float[::1] out,            # out: (n,) float32
+                           out,                       # out: (n,) float32, or uint16 bfloat16 bits
                            int num_threads=1):
-    """Fused unpack + lookup + scale.
+    """Fused unpack + lookup + scale, into float32 or bfloat16 (``out``'s dtype chooses).
 
-    Equals ``dequantize_blockwise(unpack_nibbles(packed, n), absmax, code, blocksize)``
-    with ``n = out.shape[0]``.
+    float32 ``out``: equals ``dequantize_blockwise(unpack_nibbles(packed, n),
+    absmax, code, blocksize)`` with ``n = out.shape[0]``. uint16 ``out``: that
+    float32 result rounded to bfloat16 (``lookup16_bf16_bits``: nearest even,
+    subnormals to zero, as bitsandbytes' kernel), written as its bits.
     """
-    _check_4bit_dequantize(out.shape[0], packed.shape[0], absmax.shape[0], "absmax",
-                           code, blocksize, num_threads)
-    _dequantize_4bit(packed, absmax, code, blocksize, out, num_threads)
-
-
-def dequantize_4bit_packed_bf16(const u8[::1] packed,      # in: (ceil(n / 2),)
-                                const float[::1] absmax,   # in: (ceil(n / blocksize),)
-                                const float[::1] code,     # in: (16,)
-                                Py_ssize_t blocksize,
-                                uint16_t[::1] out,         # out: (n,) bfloat16 bits
-                                int num_threads=1):
-    """:func:`dequantize_4bit_packed` rounded to bfloat16, written as its uint16 bits.
-
-    Equals ``torch.from_numpy(dequantize_4bit_packed(...)).to(torch.bfloat16)``
-    viewed as 16-bit integers: the float32 product, then round to nearest even.
-    """
-    _check_4bit_dequantize(out.shape[0], packed.shape[0], absmax.shape[0], "absmax",
-                           code, blocksize, num_threads)
-    _dequantize_4bit(packed, absmax, code, blocksize, out, num_threads)
-
-
-cdef int _dequantize_4bit(const u8[::1] packed, const float[::1] absmax, const float[::1] code,
-                          Py_ssize_t blocksize, out_t[::1] out, int num_threads) except -1:
-    # except -1, not noexcept: in the debug build an IndexError here must reach the caller
-    cdef Py_ssize_t n = out.shape[0]
-    cdef Py_ssize_t n_blocks = absmax.shape[0]
-    cdef Py_ssize_t b, start, end
-    for b in prange(n_blocks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = b * blocksize
-        end = start + blocksize
-        if end > n:
-            end = n
-        _dequantize_4bit_block(&packed[0], &code[0], absmax[b], start, end, &out[0])
-    return 0
+    if _holds_bfloat16_bits(out):
+        _dequantize_4bit[uint16_t](packed, absmax, code, blocksize, out, num_threads)
+    else:   # float32, or a ValueError naming the dtype it got
+        _dequantize_4bit[float](packed, absmax, code, blocksize, out, num_threads)
 
 
 def dequantize_4bit_packed_nested(const u8[::1] packed,          # in: (ceil(n / 2),)
@@ -584,51 +395,50 @@ def dequantize_4bit_packed_nested(const u8[::1] packed,          # in: (ceil(n /
                                   float offset, Py_ssize_t nested_blocksize,
                                   const float[::1] code,         # in: (16,)
                                   Py_ssize_t blocksize,
-                                  float[::1] out,                # out: (n,) float32
+                                  out,                           # out: (n,) float32 or bf16 bits
                                   int num_threads=1):
     """Fused double dequantization of the constants and 4-bit dequantization.
 
     Equals ``dequantize_4bit_packed(packed, double_dequantize(absmax_codes,
     nested_absmax, offset, nested_blocksize), code, blocksize, out)``: each
-    block's constant ``nested_code[c] * nested_absmax[b // 256] + offset`` is
-    rounded after the product and after the sum, as in NumPy.
+    block's constant ``nested_code[c] * nested_absmax[b // nested_blocksize] + offset``
+    is rounded after the product and after the sum, as in NumPy.
     ``n_blocks = ceil(n / blocksize)``, ``n_nested = ceil(n_blocks / nested_blocksize)``.
     """
-    _check_4bit_dequantize(out.shape[0], packed.shape[0], absmax_codes.shape[0],
-                           "absmax_codes", code, blocksize, num_threads)
-    _check_nested(absmax_codes.shape[0], nested_absmax.shape[0], nested_code, nested_blocksize)
-    _dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, offset,
-                            nested_blocksize, code, blocksize, out, num_threads)
+    if _holds_bfloat16_bits(out):
+        _dequantize_4bit_nested[uint16_t](packed, absmax_codes, nested_absmax, nested_code,
+                                          offset, nested_blocksize, code, blocksize, out,
+                                          num_threads)
+    else:
+        _dequantize_4bit_nested[float](packed, absmax_codes, nested_absmax, nested_code,
+                                       offset, nested_blocksize, code, blocksize, out,
+                                       num_threads)
 
 
-def dequantize_4bit_packed_nested_bf16(const u8[::1] packed,          # in: (ceil(n / 2),)
-                                       const u8[::1] absmax_codes,    # in: (n_blocks,)
-                                       const float[::1] nested_absmax,  # in: (n_nested,)
-                                       const float[::1] nested_code,  # in: (256,)
-                                       float offset, Py_ssize_t nested_blocksize,
-                                       const float[::1] code,         # in: (16,)
-                                       Py_ssize_t blocksize,
-                                       uint16_t[::1] out,             # out: (n,) bfloat16 bits
-                                       int num_threads=1):
-    """:func:`dequantize_4bit_packed_nested` rounded to bfloat16, written as its uint16 bits.
-
-    Equals ``torch.from_numpy(dequantize_4bit_packed_nested(...)).to(torch.bfloat16)``
-    viewed as 16-bit integers.
-    """
-    _check_4bit_dequantize(out.shape[0], packed.shape[0], absmax_codes.shape[0],
-                           "absmax_codes", code, blocksize, num_threads)
-    _check_nested(absmax_codes.shape[0], nested_absmax.shape[0], nested_code, nested_blocksize)
-    _dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, offset,
-                            nested_blocksize, code, blocksize, out, num_threads)
+# The names of the bfloat16 kernels before the two merged (callers may keep them):
+# the same functions, the output's dtype chooses.
+dequantize_4bit_packed_bf16 = dequantize_4bit_packed
+dequantize_4bit_packed_nested_bf16 = dequantize_4bit_packed_nested
 
 
-cdef int _check_nested(Py_ssize_t n_blocks, Py_ssize_t nested_len, const float[::1] nested_code,
-                       Py_ssize_t nested_blocksize) except -1:
-    """The second level: a 256-value 8-bit code, one ``nested_absmax`` per nested block."""
-    _check_blocksize("nested_blocksize", nested_blocksize, False)
-    _check_code("nested_code", nested_code, 256)   # 256: every uint8 code indexes it
-    _check_blocks("nested_absmax", nested_len, n_blocks, "len(absmax_codes)", nested_blocksize,
-                  "nested_blocksize")
+cdef bint _holds_bfloat16_bits(object out):
+    """``out`` is a buffer of native uint16 (bfloat16 bit patterns); else the float32 path."""
+    try:
+        return memoryview(out).format.lstrip("@=<") == "H"
+    except TypeError:       # not a buffer: the float32 conversion names the problem
+        return False
+
+
+cdef int _dequantize_4bit(const u8[::1] packed, const float[::1] absmax, const float[::1] code,
+                          Py_ssize_t blocksize, out_t[::1] out, int num_threads) except -1:
+    cdef Py_ssize_t n = out.shape[0], n_blocks = absmax.shape[0]
+    cdef Py_ssize_t t
+    _check_4bit_dequantize(n, packed.shape[0], n_blocks, "absmax", code, blocksize, num_threads)
+    for t in prange(_ceil_div(n_blocks, BLOCKS_PER_TASK), nogil=True, num_threads=num_threads,
+                    schedule="static"):
+        _dequantize_4bit_blocks(&packed[0], &code[0], &absmax[t * BLOCKS_PER_TASK],
+                                t * BLOCKS_PER_TASK, _block_end(t, BLOCKS_PER_TASK, n_blocks),
+                                blocksize, n, &out[0])
     return 0
 
 
@@ -637,26 +447,22 @@ cdef int _dequantize_4bit_nested(const u8[::1] packed, const u8[::1] absmax_code
                                  float offset, Py_ssize_t nested_blocksize,
                                  const float[::1] code, Py_ssize_t blocksize, out_t[::1] out,
                                  int num_threads) except -1:
-    cdef Py_ssize_t n = out.shape[0]
-    cdef Py_ssize_t n_blocks = absmax_codes.shape[0]
-    cdef Py_ssize_t b, start, end
-    cdef float product, scale
-    for b in prange(n_blocks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = b * blocksize
-        end = start + blocksize
-        if end > n:
-            end = n
-        product = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize]
-        scale = product + offset
-        _dequantize_4bit_block(&packed[0], &code[0], scale, start, end, &out[0])
+    cdef Py_ssize_t n = out.shape[0], n_blocks = absmax_codes.shape[0]
+    cdef Py_ssize_t t
+    _check_4bit_dequantize(n, packed.shape[0], n_blocks, "absmax_codes", code, blocksize,
+                           num_threads)
+    _check_nested(n_blocks, nested_absmax.shape[0], nested_code, nested_blocksize)
+    for t in prange(_ceil_div(n_blocks, BLOCKS_PER_TASK), nogil=True, num_threads=num_threads,
+                    schedule="static"):
+        _dequantize_4bit_nested_blocks(&packed[0], &absmax_codes[0], &nested_absmax[0],
+                                       &nested_code[0], offset, nested_blocksize, &code[0],
+                                       t * BLOCKS_PER_TASK,
+                                       _block_end(t, BLOCKS_PER_TASK, n_blocks), blocksize, n,
+                                       &out[0])
     return 0
 
 
 # -- matrix-vector products straight from the codes ----------------------------
-
-cdef enum:
-    GEMV_ROWS_PER_TASK = 16   # output rows per parallel task
-
 
 def gemv_4bit(const u8[::1] packed,      # in: (out * in / 2,) two codes a byte, row-major W
               const float[::1] absmax,   # in: (out * in / blocksize,) float32 constants
@@ -674,23 +480,23 @@ def gemv_4bit(const u8[::1] packed,      # in: (out * in / 2,) two codes a byte,
     product ``code[q] * absmax[b]``. ``W`` is ``(out, in)`` and ``y.shape[1] == out``.
     """
     cdef Py_ssize_t m = x.shape[0], n_in = x.shape[1], n_out = y.shape[1]
-    cdef Py_ssize_t n_tasks, t, start, end
-    _check_nonempty("x", m * n_in)
-    _check_threads(num_threads)
-    _check_blocksize("blocksize", blocksize, True)
-    _check_code("code", code, 16)
-    if y.shape[0] != m:
-        raise ValueError(f"y: expected {m} rows (one per row of x), got {y.shape[0]}")
-    _check_packed("packed", packed.shape[0], n_out * n_in, "out * in")
-    _check_blocks("absmax", absmax.shape[0], n_out * n_in, "out * in", blocksize, "blocksize")
-    n_tasks = _ceil_div(n_out, GEMV_ROWS_PER_TASK)
-    for t in prange(n_tasks, nogil=True, num_threads=num_threads, schedule="static"):
-        start = t * GEMV_ROWS_PER_TASK
-        end = start + GEMV_ROWS_PER_TASK
-        if end > n_out:
-            end = n_out
-        gemv4(&packed[0], &absmax[0], &code[0], blocksize, &x[0, 0], m, n_in, start, end,
-              &y[0, 0], n_out)
+    cdef Py_ssize_t t
+    cdef float* xs = NULL     # (m, in) x reordered for the vector paths, or NULL: portable
+    _check_gemv(m, n_in, n_out, y.shape[0], packed.shape[0], absmax.shape[0], code, blocksize,
+                num_threads)
+    if gemv4_wants_split_x(blocksize, n_in):
+        xs = <float*>malloc(m * n_in * sizeof(float))
+        if xs == NULL:
+            raise MemoryError(f"gemv_4bit: no memory for a copy of x ({m} x {n_in} float32)")
+        gemv4_split_x(&x[0, 0], m, n_in, xs)
+    try:
+        for t in prange(_ceil_div(n_out, GEMV_ROWS_PER_TASK), nogil=True,
+                        num_threads=num_threads, schedule="static"):
+            gemv4(&packed[0], &absmax[0], &code[0], blocksize, &x[0, 0], xs, m, n_in,
+                  t * GEMV_ROWS_PER_TASK, _block_end(t, GEMV_ROWS_PER_TASK, n_out), &y[0, 0],
+                  n_out)
+    finally:
+        free(xs)
 
 
 # -- packing -------------------------------------------------------------------
@@ -728,17 +534,13 @@ def pack_nibbles(const u8[::1] codes,   # in: (n,) 4-bit codes 0..15
     """
     cdef Py_ssize_t n = codes.shape[0]
     cdef Py_ssize_t n_pairs = n // 2
-    cdef Py_ssize_t n_spans = (n_pairs + SPAN - 1) // SPAN
-    cdef Py_ssize_t s, end
+    cdef Py_ssize_t s
     cdef u8 pad_nibble = _checked_pad(pad)
     cdef u8 seen = 0
-    _check_threads(num_threads)
-    _check_packed("packed", packed.shape[0], n, "len(codes)")
-    for s in prange(n_spans, nogil=True, num_threads=num_threads, schedule="static"):
-        end = (s + 1) * SPAN
-        if end > n_pairs:
-            end = n_pairs
-        seen |= _pack_range(&codes[0], &packed[0], s * SPAN, end)
+    _check_nibbles(n, packed.shape[0], num_threads)
+    for s in prange(_ceil_div(n_pairs, SPAN), nogil=True, num_threads=num_threads,
+                    schedule="static"):
+        seen |= _pack_range(&codes[0], &packed[0], s * SPAN, _block_end(s, SPAN, n_pairs))
     if n % 2:
         packed[n_pairs] = (codes[n - 1] << 4) | pad_nibble
         seen |= codes[n - 1]
@@ -753,14 +555,10 @@ def unpack_nibbles(const u8[::1] packed,   # in: (ceil(n / 2),)
     """Equals ``qlora_ref.packing.unpack_nibbles(packed, codes.shape[0])``."""
     cdef Py_ssize_t n = codes.shape[0]
     cdef Py_ssize_t n_pairs = n // 2
-    cdef Py_ssize_t n_spans = (n_pairs + SPAN - 1) // SPAN
-    cdef Py_ssize_t s, end
-    _check_threads(num_threads)
-    _check_packed("packed", packed.shape[0], n, "len(codes)")
-    for s in prange(n_spans, nogil=True, num_threads=num_threads, schedule="static"):
-        end = (s + 1) * SPAN
-        if end > n_pairs:
-            end = n_pairs
-        _unpack_range(&packed[0], &codes[0], s * SPAN, end)
+    cdef Py_ssize_t s
+    _check_nibbles(n, packed.shape[0], num_threads)
+    for s in prange(_ceil_div(n_pairs, SPAN), nogil=True, num_threads=num_threads,
+                    schedule="static"):
+        _unpack_range(&packed[0], &codes[0], s * SPAN, _block_end(s, SPAN, n_pairs))
     if n % 2:
         codes[n - 1] = packed[n_pairs] >> 4

@@ -9,11 +9,13 @@ and values lying *exactly* on a decision midpoint (the tie rule: the lower
 code wins, ``searchsorted(..., side="left")``).
 
 The bfloat16 kernels are compared with torch: the NumPy float32 result,
-rounded by ``torch.Tensor.to(torch.bfloat16)``.
+rounded by ``torch.Tensor.to(torch.bfloat16)`` after float32 subnormals are
+flushed to zeros of their sign (the kernels' rule, bitsandbytes' on this
+CPU: ``tests/kernels/test_bfloat16_rule.py``).
 
 The twins also agree on what they reject: a pad outside 0..15 and a code of
 16 or more raise ``ValueError`` in ``packing.pack_nibbles`` and in the
-kernels alike (more tampered inputs: ``tests/test_tampered_inputs.py``).
+kernels alike (more tampered inputs: ``tests/robustness/test_tampered_inputs.py``).
 """
 import numpy as np
 import pytest
@@ -64,9 +66,14 @@ def _data(seed, n, blocksize, code):
 
 
 def _bf16_bits(x32):
+    """float32 -> bfloat16 bits by the kernels' rule: subnormals become zeros of their sign
+    (as VCVTNEPS2BF16, and so bitsandbytes' CPU kernel, treat them), then torch's rounding."""
     import torch
-    return torch.from_numpy(np.ascontiguousarray(x32)).to(torch.bfloat16).view(torch.int16) \
-        .numpy().view(np.uint16)
+    flushed = np.array(x32, dtype=np.float32)                       # a copy
+    bits = flushed.view(np.uint32)
+    subnormal = (bits & 0x7F800000) == 0
+    bits[subnormal] &= 0x80000000
+    return torch.from_numpy(flushed).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 # -- quantization ----------------------------------------------------------------
@@ -181,10 +188,12 @@ def test_dequantize_blockwise(n, seed, blocksize, num_threads):
 
 
 def test_bfloat16_rounding_edges():
-    """Ties to even, carries into the exponent, the largest finite values, subnormals, zeros."""
+    """Ties to even, carries into the exponent, the largest finite values, subnormals (flushed
+    to zeros of their sign), the smallest normals, zeros."""
     specials = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F7FFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
                          0x7F7F8000, 0x00008000, 0x00018000, 0x0000FFFF, 0x80000000, 0x00000000,
-                         0x00400000, 0x80408000], dtype=np.uint32).view(np.float32)
+                         0x00400000, 0x80408000, 0x007FFFFF, 0x807FFFFF, 0x00800000,
+                         0x80800000], dtype=np.uint32).view(np.float32)
     code = np.ones(16, np.float32)                    # every code is 1: the output is the scale
     absmax = specials.copy()                          # one block of 32 per special value
     packed = np.zeros(16 * len(specials), np.uint8)
@@ -333,7 +342,7 @@ def test_every_vector_path_writes_the_bytes_of_the_numpy_reference(
     x[rng.random(n) < 0.05] = 0.0
     state = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant, backend="numpy")
     want32 = qlora_ref.dequantize_4bit(state, backend="numpy")                   # (n,) float32
-    want16 = torch.from_numpy(want32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    want16 = _bf16_bits(want32)
     for level in each_simd_level:
         _kernels().set_simd_level(level)
         got32 = np.empty(n, np.float32)

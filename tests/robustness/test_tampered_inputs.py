@@ -286,16 +286,21 @@ def test_tampered_blockwise_inputs(inputs, kind, data):
 # kernel equals (its docstring), computed from the same arguments.
 
 def _bf16_bits(x32):
-    return torch.from_numpy(np.ascontiguousarray(x32)).to(torch.bfloat16).view(torch.int16) \
-        .numpy().view(np.uint16)
+    """The kernels' bfloat16 rule: float32 subnormals to zeros of their sign, then torch's
+    rounding (tests/kernels/test_bfloat16_rule.py states it)."""
+    flushed = np.array(x32, dtype=np.float32)                       # a copy
+    bits = flushed.view(np.uint32)
+    bits[(bits & 0x7F800000) == 0] &= 0x80000000
+    return torch.from_numpy(flushed).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def _assert_bf16_bits_of(bits, ref32, what):
-    """``bits`` is ``ref32`` rounded to bfloat16 (torch's rule); where ``ref32`` is NaN, a NaN.
+    """``bits`` is ``ref32`` rounded to bfloat16 (the kernels' rule); where ``ref32`` is NaN, a NaN.
 
-    Note (bfloat16 NaN): which NaN is not settled across the project: the kernel
-    writes 0x7FC0, torch 2.13's CPU conversion 0xFFFF, and a sign-keeping rule is
-    proposed for the NumPy twin; every one is a quiet NaN, so that is what is checked.
+    Note (bfloat16 NaN): the kernels keep the NaN's sign and top bits and set the
+    quiet bit (as ``qlora_ref.dtypes.bfloat16_bits`` and VCVTNEPS2BF16 do); torch
+    2.13's CPU conversion writes 0xFFFF; every one is a quiet NaN, so that is what
+    is checked.
     """
     nan = np.isnan(ref32)
     np.testing.assert_array_equal(bits[~nan], _bf16_bits(ref32)[~nan], err_msg=what)
@@ -303,12 +308,23 @@ def _assert_bf16_bits_of(bits, ref32, what):
         f"{what}: {bits[nan][:4]} are not NaN bit patterns")
 
 
+def _kernel_dequantize_blockwise(codes, absmax, code, blocksize):
+    """What a raw kernel computes: the twin's argument checks, then ``code[q] * c_b``
+    whatever the constants hold. The public functions refuse a NaN or infinite
+    constant before any kernel runs (an O(n / blocksize) check, not the kernel's)."""
+    finite = np.where(np.isfinite(absmax), absmax, np.float32(1)).astype(absmax.dtype)
+    blockwise.dequantize_blockwise(codes, finite, code, blocksize)        # raises as the twin
+    values = np.asarray(code, np.float32)[np.asarray(codes).reshape(-1)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return blockwise.scale_by_block(values, absmax, blocksize).reshape(np.shape(codes))
+
+
 def _dequantize_4bit_reference(a):
     absmax = a["absmax"] if "absmax" in a else (
-        blockwise.dequantize_blockwise(a["absmax_codes"], a["nested_absmax"], a["nested_code"],
-                                       a["nested_blocksize"]) + np.float32(a["offset"]))
-    return [blockwise.dequantize_blockwise(packing.unpack_nibbles(a["packed"], a["out"].size),
-                                           absmax, a["code"], a["blocksize"])]
+        _kernel_dequantize_blockwise(a["absmax_codes"], a["nested_absmax"], a["nested_code"],
+                                     a["nested_blocksize"]) + np.float32(a["offset"]))
+    return [_kernel_dequantize_blockwise(packing.unpack_nibbles(a["packed"], a["out"].size),
+                                         absmax, a["code"], a["blocksize"])]
 
 
 def _quantize_4bit_reference(a, code):
@@ -352,7 +368,7 @@ def _kernel_case(name, n, seed, choose):
                  absmax=rng.standard_normal(-(-n // any_bs)).astype(np.float32),
                  code=dynamic_code(), blocksize=any_bs, out=np.full(n, np.nan, np.float32),
                  num_threads=threads)
-        return a, ["out"], "codes", lambda a: [blockwise.dequantize_blockwise(
+        return a, ["out"], "codes", lambda a: [_kernel_dequantize_blockwise(
             a["codes"], a["absmax"], a["code"], a["blocksize"])]
     bf16 = name.endswith("_bf16")
     out = np.full(n, 0xFFFF, np.uint16) if bf16 else np.full(n, np.nan, np.float32)
