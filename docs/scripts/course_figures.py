@@ -6,7 +6,7 @@
 One function per figure (``FIGURES`` lists them); each computes its numbers
 with ``qlora_ref``, prints them, writes them to ``course_<name>.json`` and
 draws ``course_<name>.png``. The cheap number functions (``*_numbers``) are
-imported by ``tests/test_course_figures.py``, which checks the page's numbers
+imported by ``tests/docs/test_course_figures.py``, which checks the page's numbers
 against them. ``placement_rank`` trains the tiny GPT 25 times (564 s with one thread on
 a loaded 2-core machine); the others take seconds.
 """

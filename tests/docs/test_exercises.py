@@ -1,6 +1,6 @@
 """The exercise checks of notebooks 01-08 reject wrong answers and library shortcuts.
 
-``tests/test_notebooks.py`` shows every check says ``[correct]`` on its solution and
+``tests/docs/test_notebooks.py`` shows every check says ``[correct]`` on its solution and
 ``[not done]`` on the placeholder. This file feeds each check of ``notebooks/exercises.py``
 the solution (accepted), at least two plausible wrong answers (each rejected), and, where
 the package computes the answer, the shortcut of calling it (rejected): the slips a student

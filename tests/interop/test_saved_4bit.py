@@ -31,7 +31,8 @@ from qlora_ref.codebooks import code_for
 from qlora_ref.nn import LoRALinear, Linear4bit, load_adapter, prepare_model, save_adapter
 from qlora_ref.nn.saved4bit import (attach_adapter, is_quantized_folder, load_quantized,
                                     quantize_model, save_quantized)
-from tests.helpers import randomize_adapters, tiny_gpt2
+from tests import helpers
+from tests.helpers import randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -39,23 +40,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 R = 4
 
 
-def tiny_llama(seed=0, tie=False):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=32,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                                      tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tokens(seed=1, shape=(2, 12)):
-    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
-
-
 def logits(model, x=None):
-    with torch.no_grad():
-        return model(tokens() if x is None else x).logits
+    return helpers.logits(model, tokens() if x is None else x)
 
 
 @pytest.fixture(scope="module")
