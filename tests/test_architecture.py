@@ -39,10 +39,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path, top_level_only: bool = False):
-    """Absolute names of the modules ``path`` imports (relative imports resolved).
+def import_statements(path: Path, top_level_only: bool = False):
+    """``(module, names)`` of each import statement in ``path``, relative imports resolved.
 
-    ``from X import name`` yields ``X`` and ``X.name`` (``name`` may be a submodule).
+    ``import X`` gives ``("X", ())``; ``from X import a, b`` gives ``("X", ("a", "b"))``.
     """
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
@@ -50,16 +50,25 @@ def imported_modules(path: Path, top_level_only: bool = False):
     for node in nodes:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name
+                yield alias.name, ()
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module
-            yield module
-            for alias in node.names:
-                yield f"{module}.{alias.name}"
+            yield module, tuple(alias.name for alias in node.names)
+
+
+def imported_modules(path: Path, top_level_only: bool = False):
+    """Absolute names of the modules ``path`` imports.
+
+    ``from X import name`` yields ``X`` and ``X.name`` (``name`` may be a submodule).
+    """
+    for module, names in import_statements(path, top_level_only):
+        yield module
+        for name in names:
+            yield f"{module}.{name}"
 
 
 def core_files(name: str) -> list[Path]:
@@ -132,21 +141,12 @@ def import_graph() -> dict[str, set[str]]:
     files = _module_files()
     graph = {}
     for name, path in files.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                edges.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
-                    module = f"{base}.{node.module}" if node.module else base
-                else:
-                    module = node.module
-                for alias in node.names:
-                    edges.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in files
-                              else module)
+        for module, names in import_statements(path):
+            if not names:
+                edges.add(module)
+            for alias in names:
+                edges.add(f"{module}.{alias}" if f"{module}.{alias}" in files else module)
         graph[name] = {m for m in edges if m in files and m != name}
     return graph
 
