@@ -14,15 +14,21 @@ Two tables, on one thread (torch's and the kernels'), best of ``repeat``:
   (what the training forward does), and ``F.linear`` in float32 and bfloat16;
 * *model*: greedy generation of ``new_tokens`` tokens with the shipped tiny GPT
   and with a Llama built from a config (no download), in float32, in
-  bfloat16 (Llama) and prepared with NF4 (:func:`qlora_ref.prepare_model`).
+  bfloat16 (Llama) and prepared with NF4 (:func:`qlora_ref.prepare_model`),
+  through transformers' ``generate`` and (Llama, bfloat16 and NF4) through
+  the lean decoder :class:`qlora_ref.nn.decode.LlamaDecoder`.
 
 With ``--model DIR`` (or ``--model smollm2``, the optional extra), the
-table of :func:`real_model_table` instead: greedy decoding of a real model
+tables of :func:`real_model_table` instead: greedy decoding of a real model
 after a chat prompt on 1 and 2 threads, ours (NF4 + double quantization, a
 LoRA adapter attached, bfloat16) against bitsandbytes' 4-bit model with the
 same settings and the model in float32 and bfloat16, with the bytes each
 token reads, the copy rate measured in the same run and the share of the
-bandwidth limit (copy rate / bytes per token) each way reaches.
+bandwidth limit (copy rate / bytes per token) each way reaches. Each row
+names its loop: transformers' ``generate``, or the lean decoder
+(:class:`qlora_ref.nn.decode.LlamaDecoder`) for ours and for the bfloat16
+model, so that the lean rows compare weights, not loops. A second table
+has a 256-token prefill and a batch of 8 padded prompts.
 
 Every setting changed (torch's and libgomp's threads, ``QLORA_REF_NUM_THREADS``) is restored.
 """
@@ -109,6 +115,13 @@ def model_rows(new_tokens: int = 16, repeat: int = 5, seed: int = 0) -> list[dic
                            do_sample=False, pad_token_id=0)
         rows.append({"table": "model", "what": f"Llama 4x1024 from a config, {new_tokens} tokens",
                      "way": way, "seconds": best_seconds(run, repeat)})
+    from qlora_ref.nn.decode import LlamaDecoder
+
+    for way in ("bfloat16", "NF4 (prepare_model)"):
+        decoder = LlamaDecoder(models[way])
+        rows.append({"table": "model", "what": f"Llama 4x1024 from a config, {new_tokens} tokens",
+                     "way": f"{way}, lean decoder",
+                     "seconds": best_seconds(lambda: decoder.generate(prompt, new_tokens), repeat)})
     return rows
 
 
@@ -185,24 +198,66 @@ def copy_rate(nbytes: int = 1 << 28, repeat: int = 5) -> float:
     return nbytes / best_seconds(lambda: np.copyto(dst, src), repeat)
 
 
-def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 3, r: int = 16,
-                    say=None) -> list[dict]:
-    """Tokens per second of greedy decoding with a Hugging Face folder, four ways, arms alternated.
+def _lean_bytes(decoder) -> int:
+    """Bytes one token reads through :class:`~qlora_ref.nn.decode.LlamaDecoder`'s projections and head."""
+    total = 0
+    for proj in [p for layer in decoder.layers for p in (layer.qkv, layer.o, layer.gate_up,
+                                                         layer.down)] + [decoder.head]:
+        if proj.way == "fused4":
+            total += proj.plan.packed.nbytes + proj.plan.absmax.nbytes
+        elif proj.way == "dense":
+            total += proj.weight.numel() * proj.weight.element_size()
+        else:
+            total += sum(_fourbit_bytes(m) or _dense_linear_bytes(m) for m in proj.modules)
+    return total
 
-    Ways: ours (:func:`qlora_ref.prepare_model`, NF4 + double quantization,
-    an ``r``-rank adapter attached and not merged, bfloat16 model and
-    compute), bitsandbytes' 4-bit model with the same settings
+
+def _padded_prompts(ids, lengths, pad_token_id: int):
+    """``len(lengths)`` prefixes of ``ids`` ``(1, n)``, left-padded: ``(input_ids, attention_mask)``."""
+    import torch
+
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        input_ids[row, width - n:] = ids[0, :n]
+        mask[row, width - n:] = 1
+    return input_ids, mask
+
+
+#: Prompt lengths of the batched row: 8 prompts, all different (left-padded to the longest).
+BATCH_LENGTHS = (12, 20, 28, 36, 44, 52, 60, 68)
+
+
+def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 3, r: int = 16,
+                    say=None, prefill: int = 256, batch_lengths=BATCH_LENGTHS) -> list[dict]:
+    """Tokens per second of greedy decoding with a Hugging Face folder, several ways, arms alternated.
+
+    Models: ours (:func:`qlora_ref.prepare_model`, NF4 + double
+    quantization, an ``r``-rank adapter attached and not merged, bfloat16
+    model and compute), bitsandbytes' 4-bit model with the same settings
     (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
     bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)``,
-    its default CPU path), and the model in float32 and in bfloat16. Each
-    row continues the same chat prompt by ``new_tokens`` greedy tokens
-    (``min_new_tokens`` = ``max_new_tokens``), batch 1. For each thread
-    count the ways take turns ``repeat`` times; the best time is kept.
+    its default CPU path), and the model in float32 and in bfloat16.
+    Loops: transformers' ``model.generate`` ("generate") for every model,
+    and :class:`~qlora_ref.nn.decode.LlamaDecoder` ("lean") for ours and
+    for the bfloat16 model (so that "lean ours / lean bfloat16" compares
+    the weights, not the loops); ours also with the opt-in 4-bit head
+    ("lean, NF4 head": the tied bfloat16 head quantized to NF4).
 
-    ``bytes_per_token`` is what one token reads from the linear weights
-    (4-bit codes and constants, or 16/32-bit weights) plus the head; the
-    bandwidth limit is ``copy rate / bytes_per_token``, with the copy rate
-    measured in the same run (:func:`copy_rate`, one thread).
+    Rows (``table`` key): ``"decode"``: the same chat prompt continued by
+    ``new_tokens`` greedy tokens, batch 1; ``"prefill"``: a ``prefill``-token
+    prompt and one new token (prompt tokens per second); ``"batched"``: 8
+    prompts of ``batch_lengths`` tokens, left-padded, ``new_tokens`` each
+    with a KV cache (tokens per second per prompt). Prefill and batched
+    rows: ours and the bfloat16 model through the lean decoder, and the
+    bfloat16 model through ``generate``. For each thread count
+    the ways take turns ``repeat`` times; the best time is kept.
+
+    ``bytes_per_token`` (decode rows) is what one token reads from the
+    linear weights (4-bit codes and constants, or 16/32-bit weights) plus the
+    head; the bandwidth limit is ``copy rate / bytes_per_token``, with the
+    copy rate measured in the same run (:func:`copy_rate`).
     """
     import copy
     import time
@@ -211,6 +266,7 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
     import transformers
 
     import qlora_ref
+    from qlora_ref.nn.decode import LlamaDecoder
 
     say = say or (lambda *a: None)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -222,7 +278,8 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
     bf16 = load(folder, dtype=torch.bfloat16).eval()
     ours = qlora_ref.prepare_model(copy.deepcopy(bf16), r=r,
                                    compute_dtype=torch.bfloat16).eval()
-    models = {"ours (NF4 + DQ, LoRA r=%d, bf16)" % r: ours}
+    ours_name = "ours (NF4 + DQ, LoRA r=%d, bf16)" % r
+    models = {ours_name: ours}
     try:
         bnb_config = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -233,10 +290,52 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
         say(f"bitsandbytes 4-bit model not measured: {type(exc).__name__}: {exc}")
     models["float32"] = f32
     models["bfloat16"] = bf16
+    lean = {ours_name: LlamaDecoder(ours), "bfloat16": LlamaDecoder(bf16)}
+    lean_nf4_head = LlamaDecoder(ours, head="nf4")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    text = prompt["input_ids"]
+    long_ids = text.repeat(1, -(-max(prefill, max(batch_lengths)) // text.shape[1]))
+    batch_ids, batch_mask = _padded_prompts(long_ids, batch_lengths, pad)
+    prefill_ids = long_ids[:, :prefill]
+
+    def hf(model, ids, mask, n):
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+    def ours_lean(decoder, ids, mask, n):
+        return lambda: decoder.generate(ids, n, attention_mask=mask)
+
+    # (table, way, loop) -> a function that runs it once
+    arms = {}
+    for way, model in models.items():
+        arms["decode", way, "generate"] = hf(model, text, prompt["attention_mask"], new_tokens)
+    for way, decoder in lean.items():
+        arms["decode", way, "lean"] = ours_lean(decoder, text, None, new_tokens)
+    arms["decode", ours_name, "lean, NF4 head"] = ours_lean(lean_nf4_head, text, None, new_tokens)
+    # prefill and batched: against the bfloat16 model through either loop
+    arms["prefill", "bfloat16", "generate"] = hf(bf16, prefill_ids, torch.ones_like(prefill_ids),
+                                                 1)
+    arms["batched", "bfloat16", "generate"] = hf(bf16, batch_ids, batch_mask, new_tokens)
+    for way in (ours_name, "bfloat16"):
+        arms["prefill", way, "lean"] = ours_lean(lean[way], prefill_ids, None, 1)
+        arms["batched", way, "lean"] = ours_lean(lean[way], batch_ids, batch_mask, new_tokens)
     nbytes = {}
     for way, model in models.items():
         fourbit = _fourbit_bytes(model)
-        nbytes[way] = fourbit + (_head_bytes(model) if fourbit else _dense_linear_bytes(model))
+        nbytes[way, "generate"] = fourbit + (_head_bytes(model) if fourbit
+                                             else _dense_linear_bytes(model))
+    for way, decoder in lean.items():
+        nbytes[way, "lean"] = _lean_bytes(decoder)
+    nbytes[ours_name, "lean, NF4 head"] = _lean_bytes(lean_nf4_head)
+    with torch.no_grad():  # what the opt-in 4-bit head changes: the tokens and the logits
+        own, own_logits = lean[ours_name].generate(text, new_tokens, return_logits=True)
+        nf4, nf4_logits = lean_nf4_head.generate(text, new_tokens, return_logits=True)
+    new = own[0, text.shape[1]:] != nf4[0, text.shape[1]:]
+    same = int(new.nonzero()[0, 0]) if bool(new.any()) else new_tokens
+    first = (own_logits[0] - nf4_logits[0]).abs().max().item()
+    say(f"NF4 head vs the model's bfloat16 head (lean decoder, ours): the first {same} of "
+        f"{new_tokens} greedy tokens equal; first token's logits differ by at most {first:.3g} "
+        f"(largest |logit| {own_logits[0].abs().max().item():.3g})")
     set_omp = omp_set_num_threads()
     rows = []
     for t in threads:
@@ -244,30 +343,33 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
         torch.set_num_threads(t)
         set_omp(t)
         rate = copy_rate()
-        best = {way: math.inf for way in models}
+        best = {key: math.inf for key in arms}
         with torch.no_grad():
-            for way, model in models.items():  # warm-up: first calls, repacking, caches
-                model.generate(**prompt, max_new_tokens=2, do_sample=False)
+            for key, run in arms.items():  # warm-up: first calls, repacking, caches
+                run()
             for _ in range(repeat):
-                for way, model in models.items():  # interleaved: load changes hit all ways
+                for key, run in arms.items():  # interleaved: load changes hit all ways
                     start = time.perf_counter()
-                    out = model.generate(**prompt, max_new_tokens=new_tokens,
-                                         min_new_tokens=new_tokens, do_sample=False)
-                    best[way] = min(best[way], time.perf_counter() - start)
-                    assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
-        for way in models:
-            tps = new_tokens / best[way]
-            limit = rate / nbytes[way]
-            rows.append({"table": "real", "threads": t, "way": way, "seconds": best[way],
-                         "tokens_per_s": tps, "bytes_per_token": nbytes[way],
-                         "copy_rate": rate, "limit_tokens_per_s": limit,
-                         "percent_of_limit": 100 * tps / limit})
+                    run()
+                    best[key] = min(best[key], time.perf_counter() - start)
+        for (table, way, loop), seconds in best.items():
+            row = {"table": table, "threads": t, "way": way, "loop": loop, "seconds": seconds}
+            if table == "decode":
+                tps = new_tokens / seconds
+                limit = rate / nbytes[way, loop]
+                row.update(tokens_per_s=tps, bytes_per_token=nbytes[way, loop], copy_rate=rate,
+                           limit_tokens_per_s=limit, percent_of_limit=100 * tps / limit)
+            elif table == "prefill":
+                row.update(tokens_per_s=prefill / seconds, prompt_tokens=prefill)
+            else:
+                row.update(tokens_per_s=new_tokens / seconds, prompts=len(batch_lengths))
+            rows.append(row)
     return rows
 
 
 def real_model_table(folder, fmt: str = "text", say=print, new_tokens: int = 32,
                      threads=(1, 2), repeat: int = 3) -> list[dict]:
-    """Measure :func:`real_model_rows`, print the table (with the load average), return the rows."""
+    """Measure :func:`real_model_rows`, print the tables (with the load average), return the rows."""
     if not Path(str(folder)).is_dir():  # from_pretrained would take it for a Hub name
         raise FileNotFoundError(f"--model {folder}: not a folder (a Hugging Face model folder, "
                                 "or smollm2)")
@@ -275,16 +377,34 @@ def real_model_table(folder, fmt: str = "text", say=print, new_tokens: int = 32,
         load = os.getloadavg()
         rows = real_model_rows(folder, new_tokens=new_tokens, threads=threads, repeat=repeat,
                                say=say)
-    body = []
-    for r in rows:
-        ref = {x["way"]: x["tokens_per_s"] for x in rows if x["threads"] == r["threads"]}
-        body.append([str(r["threads"]), r["way"], f"{r['tokens_per_s']:.1f}",
-                     f"{r['tokens_per_s'] / ref.get('bfloat16', math.nan):.2f}x",
-                     f"{r['bytes_per_token'] / 1e6:.1f} MB", f"{r['copy_rate'] / 1e9:.1f} GB/s",
-                     f"{r['limit_tokens_per_s']:.0f}", f"{r['percent_of_limit']:.0f}%"])
+        after = os.getloadavg()
+    loads = (f"load average before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+             f"after {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")
+
+    def ratio(r, way, loop):
+        ref = [x["tokens_per_s"] for x in rows if x["threads"] == r["threads"]
+               and x["table"] == r["table"] and x["way"] == way and x["loop"] == loop]
+        return f"{r['tokens_per_s'] / ref[0]:.2f}x" if ref else "-"
+
+    decode = [r for r in rows if r["table"] == "decode"]
+    body = [[str(r["threads"]), r["way"], r["loop"], f"{r['tokens_per_s']:.1f}",
+             ratio(r, "bfloat16", "generate"), ratio(r, "bfloat16", "lean"),
+             f"{r['bytes_per_token'] / 1e6:.1f} MB", f"{r['copy_rate'] / 1e9:.1f} GB/s",
+             f"{r['limit_tokens_per_s']:.0f}", f"{r['percent_of_limit']:.0f}%"] for r in decode]
     say(f"generate ({Path(str(folder)).name}): {new_tokens} greedy tokens after a chat prompt, "
-        f"batch 1, best of {repeat} (ways interleaved); load average before "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    say_table(say, ["threads", "way", "tokens/s", "vs bf16", "bytes/token", "copy rate",
-                    "limit tok/s", "% of limit"], body, fmt)
+        f"batch 1, best of {repeat} (ways interleaved); loop: transformers' generate or "
+        f"qlora_ref.nn.decode.LlamaDecoder (lean); {loads}")
+    say_table(say, ["threads", "way", "loop", "tokens/s", "vs bf16 generate", "vs bf16 lean",
+                    "bytes/token", "copy rate", "limit tok/s", "% of limit"], body, fmt)
+    other = [r for r in rows if r["table"] != "decode"]
+    body = [[str(r["threads"]), r["table"], r["way"], r["loop"],
+             f"{r['seconds'] * 1e3:.0f} ms", f"{r['tokens_per_s']:.1f}",
+             ratio(r, "bfloat16", "generate"), ratio(r, "bfloat16", "lean")] for r in other]
+    if body:
+        n = max((r.get("prompts", 0) for r in other), default=0)
+        say(f"prefill: a {max(r.get('prompt_tokens', 0) for r in other)}-token prompt and 1 new "
+            f"token (prompt tokens/s); batched: {n} prompts of different lengths, left-padded, "
+            f"{new_tokens} new tokens each with a KV cache (tokens/s per prompt)")
+        say_table(say, ["threads", "row", "way", "loop", "time", "tokens/s",
+                        "vs bf16 generate", "vs bf16 lean"], body, fmt)
     return rows

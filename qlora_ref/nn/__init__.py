@@ -12,7 +12,9 @@ Paper section 3, "QLoRA". One concept per module:
 * :mod:`~qlora_ref.nn.targets` -- which modules a name or pattern selects, at a bounded cost;
 * :mod:`~qlora_ref.nn.adapters` -- PEFT-compatible :func:`save_adapter` / :func:`load_adapter`;
 * :mod:`~qlora_ref.nn.saved4bit` -- a 4-bit model saved once in bitsandbytes' layout
-  (:func:`save_quantized`) and loaded without quantizing again (:func:`load_quantized`).
+  (:func:`save_quantized`) and loaded without quantizing again (:func:`load_quantized`);
+* :mod:`~qlora_ref.nn.decode` -- :class:`LlamaDecoder`, a lean greedy decoder (static KV cache,
+  one 4-bit matmul per shared input) whose readable twin is transformers' ``generate``.
 """
 from .adapters import load_adapter, save_adapter
 from .autograd import QLoRAMatmul, dropout_mask, frozen_weight, qlora_linear
@@ -26,6 +28,7 @@ from .merge import (MERGE_STRATEGIES, MergeError, merge_and_unload, merge_errors
 from .model import ParameterCount, find_target_modules, prepare_model, trainable_parameters
 from .quantized import QuantizedLinear
 from .saved4bit import load_quantized, quantize_model, save_quantized
+from .decode import LlamaDecoder, unsupported_reason
 
 __all__ = [
     "Linear4bit", "Linear8bit", "QuantizedLinear", "LoRALinear", "QLoRAMatmul", "qlora_linear",
@@ -34,5 +37,6 @@ __all__ = [
     "lora_scaling", "low_rank_factors", "freeze_base", "MERGE_STRATEGIES", "MergeError",
     "merged_weight", "merge_lora", "merge_and_unload", "merge_errors", "prepare_model",
     "trainable_parameters", "find_target_modules", "ParameterCount", "save_adapter",
-    "load_adapter", "save_quantized", "load_quantized", "quantize_model",
+    "load_adapter", "save_quantized", "load_quantized", "quantize_model", "LlamaDecoder",
+    "unsupported_reason",
 ]

@@ -287,7 +287,7 @@ class LoRALinear(nn.Module):
         input is float32 (the adapters are float32 parameters), added in
         place and rounded to ``xc.dtype`` once. With a float32 compute dtype
         the two differ only in the order of float32 sums; in bfloat16 this
-        path is the more accurate one (``tests/test_fast_decode.py`` checks both bounds).
+        path is the more accurate one (``tests/nn/test_fast_decode.py`` checks both bounds).
         Per call it costs the kernel plus about five small torch calls, where
         the twin's checks, dispatch and bfloat16 adapter casts cost about as
         much as the kernel again on SmolLM2's layers.
