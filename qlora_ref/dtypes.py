@@ -18,7 +18,7 @@ pattern, rounded to nearest, ties to even, the rounding torch's
 
 Note (subnormals): bitsandbytes' CPU dequantization rounds with the
 AVX512-BF16 instruction ``VCVTNEPS2BF16``, which writes a signed zero for a
-subnormal float32 input (|x| < 2**-126); torch's ``.to(torch.bfloat16)``
+subnormal float32 input (magnitude below 2**-126); torch's ``.to(torch.bfloat16)``
 (and bitsandbytes' CUDA kernel) round it like any other number. The 4-bit
 dequantization to bfloat16 follows bitsandbytes' CPU kernel
 (``flush_subnormals=True``); only blocks whose absmax is below about 1e-37

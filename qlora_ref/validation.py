@@ -17,7 +17,7 @@ import numpy as np
 
 from .dtypes import FLOAT_DTYPES
 
-__all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "QUANT_BITS", "INITS", "OPTIMIZERS", "as_float32_flat", "check_blocksize",
+__all__ = ["VALID_BLOCKSIZES", "QUANT_TYPES", "QUANT_BITS", "INITS", "OPTIMIZERS", "DECODERS", "as_float32_flat", "check_blocksize",
            "check_quant_type", "check_positive_int", "check_code", "check_num_threads",
            "MAX_THREADS", "dtype_name", "check_int_range", "check_real", "MAX_MATRIX_ELEMENTS",
            "check_matrix_side", "MAX_LORA_RANK", "MAX_LORA_ALPHA", "check_lora_rank",
@@ -33,6 +33,8 @@ QUANT_BITS = (4, 8, 16)
 INITS = ("lora", "gaussian", "loftq")
 #: The optimizers fine-tuning can use (``optim``).
 OPTIMIZERS = ("paged_adamw", "adamw", "bnb_paged_adamw")
+#: The loops a Hugging Face model can decode with: qlora_ref's lean Llama decoder or transformers'.
+DECODERS = ("lean", "transformers")
 
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..validation import DECODERS
+
 #: The shared flags it uses: greedy decoding draws nothing, so no --seed.
 COMMON = ("device", "quiet")
 
@@ -35,6 +37,11 @@ def add_arguments(p):
                    "prompt such as s3141=)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many new "
                    "tokens (default 32); generation stops at EOS")
+    p.add_argument("--decoder", choices=DECODERS, default="lean",
+                   help="a Hugging Face model's decoding loop: 'lean' (default) is qlora_ref's "
+                   "Llama decoder (static KV cache, q/k/v and gate/up as one 4-bit matmul each; "
+                   "Llama-family models on the CPU, others fall back), 'transformers' is "
+                   "model.generate; both are greedy")
     p.add_argument("--greedy", action="store_true", default=True,
                    help="greedy decoding (the default and, for now, the only one)")
     return p
@@ -61,7 +68,8 @@ def run(args) -> int:
         from ..train.hf_finetune import generate
 
         text = generate(args.model, args.prompt, adapter=args.adapter,
-                        max_new_tokens=args.max_new_tokens, device=args.device)
+                        max_new_tokens=args.max_new_tokens, device=args.device,
+                        decoder=args.decoder)
     else:
         text = _tiny(args)
     print(text)
@@ -90,7 +98,8 @@ def _saved_4bit(args) -> str:
         torch.bfloat16 if device.type == "cuda" else torch.float32), adapter=args.adapter)
     check_model_fits(model, tokenizer, len(tokenizer(args.prompt)["input_ids"])
                      + args.max_new_tokens, args.model)
-    return complete(model.to(device), tokenizer, args.prompt, args.max_new_tokens, device)
+    return complete(model.to(device), tokenizer, args.prompt, args.max_new_tokens, device,
+                    args.decoder)
 
 
 def _tiny(args) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from ..nn import load_adapter, trainable_parameters
+from ..validation import DECODERS
 from . import checkpoint as ckpt
 from . import loop
 from .config import HFFinetuneConfig
@@ -220,8 +221,16 @@ def completion_loss(model, encoded: list, pad_id: int, device, batch_size: int =
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, device="cpu") -> str:
-    """The greedy continuation of ``prompt`` (special tokens dropped), up to EOS or ``max_new_tokens``."""
+def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, device="cpu",
+             decoder: str = "transformers") -> str:
+    """The greedy continuation of ``prompt`` (special tokens dropped), up to EOS or ``max_new_tokens``.
+
+    ``decoder="lean"`` decodes with :class:`qlora_ref.nn.decode.LlamaDecoder`
+    where it applies (a Llama-family model on the CPU; otherwise transformers'
+    ``generate``, as with ``decoder="transformers"``).
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     was_training = model.training
     model.eval()
     try:
@@ -230,10 +239,19 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 32, device="cp
         ids = enc["input_ids"].to(device)                                            # (1, T)
         if ids.shape[1] == 0:  # no BOS and no prompt: start from the EOS token
             ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)                    # (1, T + new)
+        lean = None
+        if decoder == "lean":
+            from ..nn.decode import LlamaDecoder, unsupported_reason
+
+            lean = LlamaDecoder(model) if unsupported_reason(model) is None else None
+        if lean is not None:
+            out = lean.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)                # (1, T + new)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)                # (1, T + new)
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -442,7 +460,7 @@ def adapter_base(adapter_dir: str | os.PathLike) -> str | None:
 
 
 def generate(model_dir: str | os.PathLike | None, prompt: str, adapter: str | os.PathLike | None = None,
-             max_new_tokens: int = 32, device=None) -> str:
+             max_new_tokens: int = 32, device=None, decoder: str = "transformers") -> str:
     """The greedy continuation of ``prompt`` by a Hugging Face model, with an adapter if given.
 
     With ``adapter`` the model is rebuilt as in training: the base it
@@ -465,4 +483,4 @@ def generate(model_dir: str | os.PathLike | None, prompt: str, adapter: str | os
         model = load_adapter(model, adapter, compute_dtype=(
             torch.bfloat16 if device.type == "cuda" else torch.float32))
     model = model.to(device)
-    return complete(model, tokenizer, prompt, max_new_tokens, device)
+    return complete(model, tokenizer, prompt, max_new_tokens, device, decoder)

@@ -1,4 +1,5 @@
-"""``qlora-ref quantize --model DIR --save OUT`` and ``qlora-ref generate --model OUT [--adapter A]``.
+"""``qlora-ref quantize --model DIR --save OUT`` and ``qlora-ref generate --model OUT [--adapter A]``;
+the lean decoder against transformers' ``generate`` through the command line.
 
 The model is a tiny random Llama with a word-level tokenizer, saved as a
 Hugging Face folder. The oracles: the saved model continues a prompt as the
@@ -9,40 +10,21 @@ bad input is one line and exit status 2.
 import json
 
 import pytest
-import torch
 
 from qlora_ref.nn import prepare_model, save_adapter
 from qlora_ref.nn.saved4bit import is_quantized_folder, quantize_model
-from tests.helpers import cli, one_line, randomize_adapters
+from tests.helpers import cli, one_line, randomize_adapters, save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-WORDS = "the cat sat on a mat and dog ran to red blue green house tree"
-PROMPT = "the cat sat on"
+PROMPT = "review : great product ->"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny float32 Llama (2 layers, width 64) and its word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([WORDS], trainers.WordLevelTrainer(
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        initializer_range=0.25, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +105,30 @@ def test_overwrite_replaces_a_saved_model(capsys, model_dir, saved_dir, tmp_path
     assert "fp4" in stdout
     assert json.loads((out / "config.json").read_text())["quantization_config"][
         "bnb_4bit_quant_type"] == "fp4"
+
+
+def test_the_lean_decoder_continues_as_transformers_generate_does(capsys, model_dir, saved_dir,
+                                                                   tmp_path, monkeypatch):
+    """``--decoder lean`` (the default) and ``--decoder transformers`` print the same text for a
+    float model, a saved 4-bit model and a float base with an adapter, and lean really ran."""
+    from qlora_ref.nn import decode
+    from qlora_ref.train.hf_finetune import load_pretrained
+
+    model, _ = load_pretrained(model_dir)
+    prepared = randomize_adapters(prepare_model(model, r=4, lora_alpha=8), 0.5)
+    save_adapter(prepared, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    calls = []
+    real = decode.LlamaDecoder.generate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode.LlamaDecoder, "generate", counted)
+    for model_args in (["--model", model_dir], ["--model", saved_dir],
+                       ["--model", model_dir, "--adapter", tmp_path / "adapter"]):
+        before = len(calls)
+        lean = generate(capsys, *model_args)
+        assert len(calls) == before + 1, f"{model_args}: the lean decoder did not run"
+        assert generate(capsys, *model_args, "--decoder", "transformers") == lean, model_args
+        assert len(calls) == before + 1
