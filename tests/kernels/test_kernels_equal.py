@@ -25,6 +25,7 @@ import qlora_ref
 from qlora_ref import blockwise, packing
 from qlora_ref.codebooks import code_for, dynamic_code
 from qlora_ref.double_quant import NESTED_BLOCKSIZE, double_dequantize
+from tests.helpers import bf16_bits, quantize_4bit_reference
 
 pytestmark = pytest.mark.skipif(not qlora_ref.cython_available(),
                                 reason="the Cython extension is not built in this environment")
@@ -65,26 +66,7 @@ def _data(seed, n, blocksize, code):
     return x
 
 
-def _bf16_bits(x32):
-    """float32 -> bfloat16 bits by the kernels' rule: subnormals become zeros of their sign
-    (as VCVTNEPS2BF16, and so bitsandbytes' CPU kernel, treat them), then torch's rounding."""
-    import torch
-    flushed = np.array(x32, dtype=np.float32)                       # a copy
-    bits = flushed.view(np.uint32)
-    subnormal = (bits & 0x7F800000) == 0
-    bits[subnormal] &= 0x80000000
-    return torch.from_numpy(flushed).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-
 # -- quantization ----------------------------------------------------------------
-
-def _quantize_4bit_reference(x, code, blocksize, pad):
-    """The NumPy twin of ``quantize_4bit_packed``, step by step as the 4-bit path takes them."""
-    absmax = blockwise.block_absmax(x, blocksize)                        # (n_blocks,) c_b
-    codes = blockwise.nearest_code(blockwise.normalize(x, absmax, blocksize), code)  # (n,)
-    return packing.pack_nibbles(codes, pad=pad), absmax
-
-
 
 @given(n=st.integers(1, 9000), seed=st.integers(0, 2**32 - 1),
        quant_type=st.sampled_from(["nf4", "fp4", "int4"]), blocksize=st.sampled_from(BLOCKSIZES),
@@ -93,7 +75,7 @@ def test_quantize_4bit_packed(n, seed, quant_type, blocksize, num_threads):
     code = code_for(quant_type)
     midpoints, order, pad = _tables(code)
     x = _data(seed, n, blocksize, code)
-    packed_ref, absmax_ref = _quantize_4bit_reference(x, code, blocksize, pad)
+    packed_ref, absmax_ref = quantize_4bit_reference(x, code, blocksize, pad)
 
     n_blocks = -(-n // blocksize)
     packed = np.full((n + 1) // 2, 0xAA, np.uint8)
@@ -151,7 +133,7 @@ def test_dequantize_4bit_packed_f32_and_bf16(n, seed, quant_type, blocksize, num
 
     bits = np.full(n, 0xFFFF, np.uint16)
     _kernels().dequantize_4bit_packed_bf16(packed, absmax, code, blocksize, bits, num_threads)
-    np.testing.assert_array_equal(bits, _bf16_bits(ref))
+    np.testing.assert_array_equal(bits, bf16_bits(ref))
 
 
 @given(n=st.integers(1, 40000), seed=st.integers(0, 2**32 - 1),
@@ -171,7 +153,7 @@ def test_dequantize_4bit_packed_nested_f32_and_bf16(n, seed, blocksize, num_thre
 
     bits = np.full(n, 0xFFFF, np.uint16)
     _kernels().dequantize_4bit_packed_nested_bf16(*args, bits, num_threads)
-    np.testing.assert_array_equal(bits, _bf16_bits(ref))
+    np.testing.assert_array_equal(bits, bf16_bits(ref))
 
 
 @given(n=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1),
@@ -199,7 +181,7 @@ def test_bfloat16_rounding_edges():
     packed = np.zeros(16 * len(specials), np.uint8)
     bits = np.empty(32 * len(specials), np.uint16)
     _kernels().dequantize_4bit_packed_bf16(packed, absmax, code, 32, bits, 1)
-    np.testing.assert_array_equal(bits[::32], _bf16_bits(specials))
+    np.testing.assert_array_equal(bits[::32], bf16_bits(specials))
 
 
 # -- packing ---------------------------------------------------------------------
@@ -302,7 +284,7 @@ def test_dequantize_4bit_to_bfloat16_uses_the_kernel_and_matches_torch(n, seed, 
     assert fast.shape == ref.shape == (n,)
     np.testing.assert_array_equal(bits(fast), bits(ref))
     f32 = qlora_ref.dequantize_4bit(state, dtype="float32", backend="numpy")
-    np.testing.assert_array_equal(bits(fast), _bf16_bits(f32))
+    np.testing.assert_array_equal(bits(fast), bf16_bits(f32))
 
 
 # -- the vector paths of the dequantize kernels (qlora_ref/_kernels/lookup16.h) ---------------
@@ -335,14 +317,12 @@ def test_the_portable_path_is_always_available_and_the_best_is_the_default():
        double_quant=st.booleans(), num_threads=THREADS)
 def test_every_vector_path_writes_the_bytes_of_the_numpy_reference(
         each_simd_level, n, seed, quant_type, blocksize, double_quant, num_threads):
-    import torch
-
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(n) * np.float32(10.0) ** rng.integers(-20, 20)).astype(np.float32)
     x[rng.random(n) < 0.05] = 0.0
     state = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant, backend="numpy")
     want32 = qlora_ref.dequantize_4bit(state, backend="numpy")                   # (n,) float32
-    want16 = _bf16_bits(want32)
+    want16 = bf16_bits(want32)
     for level in each_simd_level:
         _kernels().set_simd_level(level)
         got32 = np.empty(n, np.float32)

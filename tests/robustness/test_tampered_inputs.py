@@ -42,6 +42,7 @@ from qlora_ref.codebooks import code_for, dynamic_code
 torch = pytest.importorskip("torch")
 from qlora_ref.nn.functional import (  # noqa: E402  (after the torch check)
     dequantize_4bit_torch, dequantize_blockwise_torch, quant_state_tensors)
+from tests.helpers import bf16_bits, quantize_4bit_reference  # noqa: E402
 
 # NaN and infinite constants are the point here: NumPy's warnings about them are expected
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -285,15 +286,6 @@ def test_tampered_blockwise_inputs(inputs, kind, data):
 # (changing its length may leave a consistent call), and the NumPy expression the
 # kernel equals (its docstring), computed from the same arguments.
 
-def _bf16_bits(x32):
-    """The kernels' bfloat16 rule: float32 subnormals to zeros of their sign, then torch's
-    rounding (tests/kernels/test_bfloat16_rule.py states it)."""
-    flushed = np.array(x32, dtype=np.float32)                       # a copy
-    bits = flushed.view(np.uint32)
-    bits[(bits & 0x7F800000) == 0] &= 0x80000000
-    return torch.from_numpy(flushed).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-
 def _assert_bf16_bits_of(bits, ref32, what):
     """``bits`` is ``ref32`` rounded to bfloat16 (the kernels' rule); where ``ref32`` is NaN, a NaN.
 
@@ -303,7 +295,7 @@ def _assert_bf16_bits_of(bits, ref32, what):
     is checked.
     """
     nan = np.isnan(ref32)
-    np.testing.assert_array_equal(bits[~nan], _bf16_bits(ref32)[~nan], err_msg=what)
+    np.testing.assert_array_equal(bits[~nan], bf16_bits(ref32)[~nan], err_msg=what)
     assert ((bits[nan] & 0x7F80) == 0x7F80).all() and ((bits[nan] & 0x7F) != 0).all(), (
         f"{what}: {bits[nan][:4]} are not NaN bit patterns")
 
@@ -328,9 +320,7 @@ def _dequantize_4bit_reference(a):
 
 
 def _quantize_4bit_reference(a, code):
-    absmax = blockwise.block_absmax(a["x"], a["blocksize"])
-    codes = blockwise.nearest_code(blockwise.normalize(a["x"], absmax, a["blocksize"]), code)
-    return [packing.pack_nibbles(codes, pad=a["pad_code"]), absmax]
+    return list(quantize_4bit_reference(a["x"], code, a["blocksize"], a["pad_code"]))
 
 
 def _kernel_case(name, n, seed, choose):
