@@ -97,8 +97,13 @@ def _rows_for(op: str, x, state, codes, threads: int, libs: Libraries, cache: di
     counts = [1] if threads == 1 else [1, threads]
     rows = _our_rows(op, x, state, codes, counts)
     if op in ("quantize", "dequant f32", "dequant bf16"):
-        rows += _bitsandbytes_rows(op, x, counts, libs, cache)
-        rows += _torchao_rows(op, x, counts, libs, cache)
+        import torch
+
+        xt = torch.from_numpy(x)
+        if libs.bitsandbytes is not None:
+            rows += _bitsandbytes_rows(op, xt, counts, libs.bitsandbytes, cache)
+        if libs.to_nf4 is not None:
+            rows += _torchao_rows(op, xt, counts, libs.to_nf4, cache, libs.notes)
     # the bandwidth limit: copy as many bytes as the operation writes
     n = x.size
     out_bytes = {"quantize": state.nbytes, "dequant f32": 4 * n, "dequant bf16": 2 * n,
@@ -136,43 +141,33 @@ def _our_rows(op: str, x, state, codes, counts: list) -> list[Row]:
     return rows + [Row("cython", t, lambda t=t: fast(t)) for t in (counts if k else [])]
 
 
-def _bitsandbytes_rows(op: str, x, counts: list, libs: Libraries, cache: dict) -> list[Row]:
+def _bitsandbytes_rows(op: str, xt, counts: list, F, cache: dict) -> list[Row]:
     """bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit`` (NF4, double quantization)."""
     import torch
 
-    F = libs.bitsandbytes
-    if F is None:
-        return []
-    xt = torch.from_numpy(x)
-    if "bitsandbytes" not in cache:
-        cache["bitsandbytes"] = F.quantize_4bit(xt, blocksize=64, compress_statistics=True,
-                                                quant_type="nf4")
-    q, qs = cache["bitsandbytes"]
+    quantize = lambda: F.quantize_4bit(xt, blocksize=64, compress_statistics=True,  # noqa: E731
+                                       quant_type="nf4")
     if op == "quantize":
-        fn = lambda: F.quantize_4bit(xt, blocksize=64, compress_statistics=True,  # noqa: E731
-                                     quant_type="nf4")
-    else:
-        qs_out = copy.copy(qs)  # the output dtype is a field of bitsandbytes' QuantState
-        qs_out.dtype = torch.float32 if op == "dequant f32" else torch.bfloat16
-        fn = lambda: F.dequantize_4bit(q, qs_out)  # noqa: E731
-    return [Row("bitsandbytes", t, fn) for t in counts]
+        return [Row("bitsandbytes", t, quantize) for t in counts]
+    if "bitsandbytes" not in cache:
+        cache["bitsandbytes"] = quantize()
+    q, qs = cache["bitsandbytes"]
+    qs_out = copy.copy(qs)  # the output dtype is a field of bitsandbytes' QuantState
+    qs_out.dtype = torch.float32 if op == "dequant f32" else torch.bfloat16
+    return [Row("bitsandbytes", t, lambda: F.dequantize_4bit(q, qs_out)) for t in counts]
 
 
-def _torchao_rows(op: str, x, counts: list, libs: Libraries, cache: dict) -> list[Row]:
+def _torchao_rows(op: str, xt, counts: list, to_nf4, cache: dict, notes: list) -> list[Row]:
     """torchao's ``NF4Tensor`` (whole groups of 256 blocks only: a note says when it has none)."""
     import torch
 
-    to_nf4 = libs.to_nf4
-    if to_nf4 is None:
-        return []
-    xt = torch.from_numpy(x)
     if "torchao" not in cache:
         try:  # torchao wants whole groups of 256 blocks: n % 16384 == 0
             cache["torchao"] = to_nf4(xt, 64, 256)
         except (AssertionError, RuntimeError, ValueError) as exc:
             cache["torchao"] = None
-            libs.notes.append(f"torchao NF4: no rows for shape {x.shape} "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
+            notes.append(f"torchao NF4: no rows for shape {tuple(xt.shape)} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
     nf4 = cache["torchao"]
     if nf4 is None:
         return []

@@ -46,14 +46,6 @@ def _kernels():
     return kernels()
 
 
-@pytest.fixture
-def each_simd_level():
-    k = _kernels()
-    before = k.simd_level()
-    yield k.simd_levels()
-    k.set_simd_level(before)
-
-
 def test_the_rule_flushes_subnormals_and_rounds_ties_to_even():
     """The NumPy statement itself, on values whose bfloat16 bits are known by hand."""
     values = np.array([0x00400000, 0x80000001, 0x00800000, 0x3F808000, 0x3F818000],

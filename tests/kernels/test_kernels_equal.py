@@ -294,15 +294,6 @@ def test_dequantize_4bit_to_bfloat16_uses_the_kernel_and_matches_torch(n, seed, 
 # integer rule), so every path must write the same bytes. Each path this host can run is
 # tested here; "portable" runs everywhere.
 
-@pytest.fixture(scope="module")
-def each_simd_level():
-    """The paths this host can run; the path in use is restored after the module's tests."""
-    k = _kernels()
-    before = k.simd_level()
-    yield k.simd_levels()
-    k.set_simd_level(before)
-
-
 def test_the_portable_path_is_always_available_and_the_best_is_the_default():
     k = _kernels()
     levels = k.simd_levels()
