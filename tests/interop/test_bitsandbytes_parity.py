@@ -259,16 +259,21 @@ def test_the_path_model_predicts_the_sign_of_fp4_zero(shape, torch_reports_avx51
             (shape, blocksize, bnb_dequantize_path(shape, blocksize))
 
 
+def quantized_both_ways(x, quant_type, blocksize, double_quant):
+    """(ours, bitsandbytes' packed tensor, its QuantState, its state as ours) for the same input."""
+    ours = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant=double_quant)
+    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+                                    compress_statistics=double_quant)
+    return ours, packed, state, qlora_ref.from_bitsandbytes(packed, state)
+
+
 # -- without double quantization: everything equal --------------------------------------------
 
 @given(**cases)
 def test_without_double_quant_bytes_absmax_and_values_equal_bitsandbytes_cpu(
         seed, shape, dtype, quant_type, blocksize, zero_first_row):
     x = random_weight(seed, shape, dtype, zero_first_row)
-    ours = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant=False)
-    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
-                                    compress_statistics=False)
-    theirs = qlora_ref.from_bitsandbytes(packed, state)
+    ours, packed, state, theirs = quantized_both_ways(x, quant_type, blocksize, False)
     np.testing.assert_array_equal(bits(ours.absmax), bits(theirs.absmax))
     explained = explain_partial_block_differences(x, ours, theirs, quant_type, blocksize)
     # values from the same bytes, in float32 and in the input's dtype (rounded once):
@@ -285,10 +290,7 @@ def test_without_double_quant_bytes_absmax_and_values_equal_bitsandbytes_cpu(
 def test_with_double_quant_the_4bit_bytes_equal_and_constants_stay_in_budget(
         seed, shape, dtype, quant_type, blocksize, zero_first_row):
     x = random_weight(seed, shape, dtype, zero_first_row)
-    ours = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant=True)
-    packed, state = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
-                                    compress_statistics=True)
-    theirs = qlora_ref.from_bitsandbytes(packed, state)
+    ours, packed, state, theirs = quantized_both_ways(x, quant_type, blocksize, True)
     explain_partial_block_differences(x, ours, theirs, quant_type, blocksize)
     # the first-level constants before double quantization are equal (see the test above) ...
     absmax = qlora_ref.quantize_4bit(x, quant_type, blocksize, double_quant=False).absmax
