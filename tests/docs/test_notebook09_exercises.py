@@ -52,20 +52,6 @@ def ppl_through_the_package(logits, ids):
     return perplexity(exercises._replay_model(logits), ids)["perplexity"]
 
 
-@pytest.mark.parametrize("wrong", [ppl_unshifted, ppl_mean_of_windows])
-def test_perplexity_check_rejects_wrong_answers(wrong):
-    assert "yours" in rejected(exercises.verify_perplexity_from_logits, wrong)
-
-
-def test_perplexity_check_rejects_calling_the_package():
-    assert "calls qlora_ref" in rejected(exercises.verify_perplexity_from_logits,
-                                              ppl_through_the_package)
-
-
-def test_perplexity_check_accepts_the_solution():
-    exercises.verify_perplexity_from_logits(solution("perplexity_from_logits"))
-
-
 # ---------------------------------------------------------------- exercise 2: LoRA parameters
 
 def lora_without_gqa(config, r):
@@ -88,20 +74,6 @@ def lora_through_the_package(config, r):
     return qlora_ref.trainable_parameters(qlora_ref.prepare_model(model, r=r, quant_type=None)).trainable
 
 
-@pytest.mark.parametrize("wrong", [lora_without_gqa, lora_with_the_head])
-def test_lora_check_rejects_wrong_answers(wrong):
-    assert "PEFT trains" in rejected(exercises.verify_lora_parameters, wrong)
-
-
-def test_lora_check_rejects_calling_the_package():
-    assert "calls qlora_ref" in rejected(exercises.verify_lora_parameters,
-                                              lora_through_the_package)
-
-
-def test_lora_check_accepts_the_solution():
-    exercises.verify_lora_parameters(solution("lora_parameters"))
-
-
 # ---------------------------------------------------------------- exercise 3: completion loss
 
 def loss_unshifted(logits, labels):
@@ -120,18 +92,37 @@ def loss_through_the_package(logits, labels):
     return completion_loss(exercises._replay_model(logits), encoded, 0, "cpu", len(encoded))
 
 
-@pytest.mark.parametrize("wrong", [loss_unshifted, loss_mean_of_rows])
-def test_completion_loss_check_rejects_wrong_answers(wrong):
-    assert "yours" in rejected(exercises.verify_completion_loss_from_logits, wrong)
+# ---------------------------------------------------------------- every check, one table
+
+#: check -> (solution name, plausible wrong answers, what the rejection says, the package shortcut)
+CHECKS = {
+    "perplexity": (exercises.verify_perplexity_from_logits, "perplexity_from_logits",
+                   [ppl_unshifted, ppl_mean_of_windows], "yours", ppl_through_the_package),
+    "lora parameters": (exercises.verify_lora_parameters, "lora_parameters",
+                        [lora_without_gqa, lora_with_the_head], "PEFT trains",
+                        lora_through_the_package),
+    "completion loss": (exercises.verify_completion_loss_from_logits, "completion_loss_from_logits",
+                        [loss_unshifted, loss_mean_of_rows], "yours", loss_through_the_package),
+}
+WRONG = [(name, i) for name, case in CHECKS.items() for i in range(len(case[2]))]
 
 
-def test_completion_loss_check_rejects_calling_the_package():
-    assert "calls qlora_ref" in rejected(exercises.verify_completion_loss_from_logits,
-                                              loss_through_the_package)
+@pytest.mark.parametrize("name, i", WRONG)
+def test_each_check_rejects_its_wrong_answers(name, i):
+    verify, _, wrong, says, _ = CHECKS[name]
+    assert says in rejected(verify, wrong[i])
 
 
-def test_completion_loss_check_accepts_the_solution():
-    exercises.verify_completion_loss_from_logits(solution("completion_loss_from_logits"))
+@pytest.mark.parametrize("name", CHECKS)
+def test_each_check_rejects_calling_the_package(name):
+    verify, _, _, _, shortcut = CHECKS[name]
+    assert "calls qlora_ref" in rejected(verify, shortcut)
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_each_check_accepts_the_solution(name):
+    verify, solution_name, _, _, _ = CHECKS[name]
+    verify(solution(solution_name))
 
 
 def test_catching_the_guard_does_not_help():
