@@ -177,6 +177,14 @@ def _fourbit_bytes(model) -> int:
     return total
 
 
+def _adapter_bytes(model) -> int:
+    """Bytes of the unmerged LoRA adapters (A and B) of ``model``: every decoded token reads them too."""
+    from qlora_ref.nn import LoRALinear
+
+    return sum(t.numel() * t.element_size() for m in model.modules()
+               if isinstance(m, LoRALinear) and not m.merged for t in (m.lora_A, m.lora_B))
+
+
 def _head_bytes(model) -> int:
     head = model.get_output_embeddings().weight
     return head.numel() * head.element_size()
@@ -199,12 +207,20 @@ def copy_rate(nbytes: int = 1 << 28, repeat: int = 5) -> float:
 
 
 def _lean_bytes(decoder) -> int:
-    """Bytes one token reads through :class:`~qlora_ref.nn.decode.LlamaDecoder`'s projections and head."""
+    """Bytes one token reads through :class:`~qlora_ref.nn.decode.LlamaDecoder`'s projections and head.
+
+    A ``"fused4"`` projection reads its codes, its float32 constants and its
+    float32 adapters (the stacked A and each block of B).
+    """
     total = 0
     for proj in [p for layer in decoder.layers for p in (layer.qkv, layer.o, layer.gate_up,
                                                          layer.down)] + [decoder.head]:
         if proj.way == "fused4":
             total += proj.plan.packed.nbytes + proj.plan.absmax.nbytes
+            if proj.lora is not None:
+                a_t, blocks = proj.lora
+                total += sum(t.numel() * t.element_size()
+                             for t in [a_t] + [block[4] for block in blocks])
         elif proj.way == "dense":
             total += proj.weight.numel() * proj.weight.element_size()
         else:
@@ -255,8 +271,9 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
     the ways take turns ``repeat`` times; the best time is kept.
 
     ``bytes_per_token`` (decode rows) is what one token reads from the
-    linear weights (4-bit codes and constants, or 16/32-bit weights) plus the
-    head; the bandwidth limit is ``copy rate / bytes_per_token``, with the
+    linear weights (4-bit codes and constants, or 16/32-bit weights), the
+    unmerged adapters (ours: float32 A and B, about 19.5 MB on SmolLM2 with
+    ``r=16``) and the head; the bandwidth limit is ``copy rate / bytes_per_token``, with the
     copy rate measured in the same run (:func:`copy_rate`).
     """
     import copy
@@ -322,8 +339,8 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
     nbytes = {}
     for way, model in models.items():
         fourbit = _fourbit_bytes(model)
-        nbytes[way, "generate"] = fourbit + (_head_bytes(model) if fourbit
-                                             else _dense_linear_bytes(model))
+        nbytes[way, "generate"] = fourbit + (_head_bytes(model) + _adapter_bytes(model)
+                                             if fourbit else _dense_linear_bytes(model))
     for way, decoder in lean.items():
         nbytes[way, "lean"] = _lean_bytes(decoder)
     nbytes[ours_name, "lean, NF4 head"] = _lean_bytes(lean_nf4_head)

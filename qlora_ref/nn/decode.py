@@ -27,6 +27,10 @@ less per-token work than the general loop:
   fused path (:meth:`~qlora_ref.nn.LoRALinear._decode`), so the kernel's
   bytes are equal (``tests/nn/test_lean_decoder.py``). The adapters become one small update: :math:`\mathbf A` stacked,
   :math:`\mathbf B` block-diagonal (one product for the stacked A, one ``addmm_`` per block);
+* **few torch calls per step**: each projection holds its output and adapter
+  buffers (``reuse=True``); codes whose rows span two kernel tiles are first
+  copied into a held buffer (:data:`STAGE_MIN_IN`); torch's own ops run on one
+  thread during decoding steps (:attr:`LlamaDecoder.kernel_heavy`);
 * a **static KV cache** allocated once per call, RoPE from a precomputed table,
   ``F.rms_norm`` and ``F.scaled_dot_product_attention`` (one op each);
 * a float32 residual stream: every matmul input is rounded to the layer's
@@ -100,8 +104,21 @@ def _lora_parts(module):
 #: Measured on SmolLM2 (2-core EPYC, OMP_WAIT_POLICY=passive as the CLI sets it, load
 #: average 0.9, 2026-12-06): 2 threads on every call 52.7 tokens/s, on calls of at least
 #: 2**20 weights 61.5, on none 65.9 (1 thread: 63.5). A passive wake-up costs more than
-#: half of a call of SmolLM2's size (at most 1.8 M weights) saves.
+#: half of a call of SmolLM2's size (at most 1.8 M weights) saves. (Counting rows x
+#: weights instead, for a batch of 8, changed nothing once torch runs on one thread
+#: during decoding steps: 1271 against 1275 ms, see LlamaDecoder.kernel_heavy.)
 PARALLEL_MIN_WEIGHTS = 1 << 22
+
+#: Fewest inputs for which a decoding step first copies the codes into a held buffer
+#: (:attr:`Projection.stage`). The kernel walks 16 rows of W a tile of 512 inputs
+#: (256 bytes) at a time; with rows of two tiles or more it hops between 16 strided
+#: streams, and out of DRAM (a step reads ~60 MB, more than the cache) SmolLM2's down
+#: projection (576 x 1536) read 5 GB/s, against 17 GB/s from cache. ``memcpy`` streams
+#: the codes at the copy rate, then the kernel reads them from cache. Measured on SmolLM2
+#: (2-core EPYC, 1 thread, load 1.4, 2026-12-06, both decoders in one process, 32 tokens
+#: after the benchmark's chat prompt): 63.6 -> 69.2 tokens/s staging the down projections;
+#: staging every projection gained less (3-4%).
+STAGE_MIN_IN = 1024
 
 
 class Projection:
@@ -132,6 +149,7 @@ class Projection:
         self.sizes = [m.out_features for m in self.modules]
         self.out_features = sum(self.sizes)
         self.way = "modules"
+        self._held = {}  # rows -> buffers of a decoding call (_buffers)
         parts = [_lora_parts(m) for m in self.modules]
         if all(p is not None for p in parts):
             bases = [p[0] for p in parts]
@@ -187,6 +205,7 @@ class Projection:
             # a prompt's update in the compute dtype, as the training forward computes it:
             # s B (block-diagonal) as one (sum out, sum r) weight
             self.lora_b_scaled = B.to(self.compute_dtype)
+            self.lora_a = A.to(self.compute_dtype)                     # (sum r, in)
         self.way = "fused4"
 
     def _dense(self, bases):
@@ -207,28 +226,78 @@ class Projection:
     #: multi-megabyte allocation per call would page-fault its way in); None: a new tensor.
     scratch = None
 
-    def dequantize(self, threads: int = 1) -> torch.Tensor:
-        """The concatenated 4-bit weight ``(sum out, in)`` in the compute dtype (``"fused4"`` only)."""
+    #: Set by :class:`LlamaDecoder` where ``in_features >= STAGE_MIN_IN``: a uint8 buffer of
+    #: the codes' size they are copied into before a decoding call's kernel reads them
+    #: (shared by the decoder's projections); None: the kernel reads them in place.
+    stage = None
+
+    def dequantize(self, threads: int = 1, extra_rows: int = 0) -> torch.Tensor:
+        """The concatenated 4-bit weight ``(sum out, in)`` in the compute dtype (``"fused4"`` only).
+
+        With ``extra_rows``, ``(sum out + extra_rows, in)``: the rows after the
+        weight's are left for the caller to fill (:meth:`_prompt` puts A there).
+        """
         bf16 = self.compute_dtype == torch.bfloat16  # the kernel rounds to bfloat16 itself
         n = self.out_features * self.in_features
+        total = n + extra_rows * self.in_features
         dtype = torch.int16 if bf16 else torch.float32
-        if self.scratch is not None and self.scratch.numel() * 4 >= n * (2 if bf16 else 4):
-            w = self.scratch.view(dtype)[:n].view(self.out_features, self.in_features)
+        if self.scratch is not None and self.scratch.numel() * 4 >= total * (2 if bf16 else 4):
+            w = self.scratch.view(dtype)[:total]
         else:
-            w = torch.empty(self.out_features, self.in_features, dtype=dtype)  # (sum out, in)
-        flat = w.numpy().reshape(-1)                                      # zero-copy view
+            w = torch.empty(total, dtype=dtype)                            # (total,)
+        flat = w[:n].numpy()                                              # zero-copy view
         run_dequantize_kernel(self.plan, flat.view(np.uint16) if bf16 else flat, threads)
+        w = w.view(-1, self.in_features)                                  # (sum out + extra, in)
         return w.view(torch.bfloat16) if bf16 else w.to(self.compute_dtype)
 
     def _prompt(self, xc, x32, threads):
-        """Many rows: one dequantize, one matmul in the compute dtype, the update in it too."""
-        y = F.linear(xc, self.dequantize(threads))                         # (rows, sum out)
-        if self.lora is not None:  # + s (x A^T) B^T, the product in the compute dtype
-            y += F.linear((x32 @ self.lora[0]).to(xc.dtype), self.lora_b_scaled)
+        r"""Many rows: one dequantize and one matmul in the compute dtype, as the training forward.
+
+        .. math::
+
+            [\mathbf Y \,|\, \mathbf H] = \mathbf X\,[\hat{\mathbf W}; \mathbf A]^\top,
+            \qquad \mathbf Y + s\,\mathbf H\mathbf B^\top
+
+        Note (one matmul): A's rows go into the dequantize buffer right after W's,
+        so the base and the adapter's first product are one ``F.linear`` in the
+        compute dtype. On SmolLM2's q/k/v (256 rows, bfloat16, 1 thread) a
+        projection took 679 us this way, 854 us with ``x A^T`` in float32 and a
+        second matmul (``x @ A`` in float32 alone was about 125 us).
+        """
+        out = self.out_features
+        if self.lora is None:
+            y = F.linear(xc, self.dequantize(threads))                     # (rows, sum out)
+        else:
+            wa = self.dequantize(threads, extra_rows=self.lora_a.shape[0])
+            wa[out:] = self.lora_a                                       # (sum out + sum r, in)
+            yh = F.linear(xc, wa)                                        # (rows, sum out + sum r)
+            y = torch.addmm(yh[:, :out], yh[:, out:], self.lora_b_scaled.t())  # + s H B^T
         y = y.to(torch.float32)
         return y if self.bias is None else y.add_(self.bias)
 
-    def __call__(self, x32: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    def _buffers(self, rows: int) -> SimpleNamespace:
+        """The output ``y``, the adapter product ``h`` and their per-block views for ``rows`` rows.
+
+        Note (small calls): a decoding step's projection is tens of microseconds, and each
+        torch call (an allocation, a slice, ``.numpy()``) costs one or two; holding the
+        buffers and their views leaves the kernel, one ``mm`` and one ``addmm_`` per block.
+        """
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)      # (rows, sum out)
+        buf = SimpleNamespace(y=y, y_np=y.numpy(), h=None, updates=())
+        if self.lora is not None:
+            a_t, blocks = self.lora
+            buf.h = torch.empty(rows, a_t.shape[1], dtype=torch.float32)   # (rows, sum r)
+            buf.updates = tuple((y[:, o0:o1], buf.h[:, r0:r1], b_t, s)
+                                for o0, o1, r0, r1, b_t, s in blocks)
+        return buf
+
+    def __call__(self, x32: torch.Tensor, threads: int = 1, reuse: bool = False) -> torch.Tensor:
+        """``(rows, sum out)`` float32 of ``(rows, in)`` float32 ``x32``.
+
+        ``reuse=True`` (the decoder's layers): a few rows are written into a buffer
+        this projection holds and overwrites on its next call with as many rows
+        (:meth:`_buffers`); the caller must be done with it by then.
+        """
         rows = x32.shape[0]
         if self.way == "fused4":
             cdt = self.compute_dtype
@@ -237,18 +306,25 @@ class Projection:
                 x32 = xc.to(torch.float32)
             if rows > Linear4bit.FUSED_MAX_ROWS:
                 return self._prompt(xc, x32, threads)
-            y = torch.empty(rows, self.out_features, dtype=torch.float32)  # (rows, sum out)
-            kernels().gemv_4bit(self.plan.packed, self.plan.absmax, self.plan.code,
-                                self.plan.blocksize, x32.numpy(), y.numpy(),
+            buf = self._held.get(rows) if reuse else None
+            if buf is None:
+                buf = self._buffers(rows)
+                if reuse:
+                    self._held[rows] = buf
+            packed = self.plan.packed
+            if self.stage is not None:  # stream the codes into cache first (STAGE_MIN_IN)
+                np.copyto(self.stage, packed)
+                packed = self.stage
+            kernels().gemv_4bit(packed, self.plan.absmax, self.plan.code,
+                                self.plan.blocksize, x32.numpy(), buf.y_np,
                                 threads if self.parallel else 1)
-            if self.lora is not None:
-                a_t, blocks = self.lora
-                h = x32 @ a_t                                              # (rows, sum r)
-                for o0, o1, r0, r1, b_t, s in blocks:                      # + s (x A^T) B^T
-                    y[:, o0:o1].addmm_(h[:, r0:r1], b_t, alpha=s)
+            if buf.h is not None:
+                torch.mm(x32, self.lora[0], out=buf.h)                     # (rows, sum r)
+                for y_block, h_block, b_t, s in buf.updates:               # + s (x A^T) B^T
+                    y_block.addmm_(h_block, b_t, alpha=s)
             if self.bias is not None:
-                y += self.bias
-            return y  # float32: the decoder's residual stream (module note)
+                buf.y += self.bias
+            return buf.y  # float32: the decoder's residual stream (module note)
         if self.way == "dense":
             return F.linear(x32.to(self.weight.dtype), self.weight, self.bias).to(torch.float32)
         return torch.cat([m(x32.to(dt)).to(torch.float32)
@@ -326,10 +402,23 @@ class LlamaDecoder:
         self._table = None
         fused = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up,
                                                       layer.down) if p.way == "fused4"]
+        #: True when the layers' projections run in the 4-bit kernels: then a decoding step
+        #: (at most FUSED_MAX_ROWS rows) runs torch's own ops on one thread. Measured on
+        #: SmolLM2 (2 cores, OMP_WAIT_POLICY=passive, load 0.9, 2026-12-06, the benchmark's
+        #: 8 padded prompts, 32 tokens): torch on 2 threads 1601 ms, on 1 thread 1173 ms; one
+        #: prompt 69.9 -> 71.8 tokens/s. A prompt (more rows) keeps torch's threads.
+        self.kernel_heavy = bool(fused)
         if fused:  # one dequantize buffer for all (Projection.scratch)
-            scratch = torch.empty(max(p.out_features * p.in_features for p in fused))
+            scratch = torch.empty(max((p.out_features + (0 if p.lora is None else
+                                                         p.lora_a.shape[0])) * p.in_features
+                                          for p in fused))
             for p in fused:
                 p.scratch = scratch
+            staged = [p for p in fused if p.in_features >= STAGE_MIN_IN]
+            if staged:  # one staging buffer for all (Projection.stage)
+                stage = np.empty(max(p.plan.packed.size for p in staged), np.uint8)
+                for p in staged:
+                    p.stage = stage[:p.plan.packed.size]                   # (sum out * in / 2,)
 
     def _rope(self, positions: int):
         if self._table is None or self._table[0].shape[0] < positions:
@@ -395,22 +484,31 @@ class LlamaDecoder:
                 pad_token_id = int(eos[0])
         ids, start = input_ids, 0
         last_pos = positions[:, -1]
-        for step in range(max_new_tokens):
-            logits = self._forward(ids, positions, start, cache, valid, cos, sin, threads)
-            nxt = logits.argmax(-1)                                        # (batch,)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-                done |= torch.isin(nxt, eos)
-            out[:, prompt + step] = nxt
-            if return_logits:
-                logits_seen.append(logits)
-            if eos_token_id is not None and bool(done.all()):
-                out = out[:, :prompt + step + 1]
-                break
-            start += ids.shape[1]
-            ids = nxt[:, None]                                             # (batch, 1)
-            last_pos = last_pos + 1
-            positions = last_pos[:, None]
+        torch_threads = torch.get_num_threads()
+        try:
+            for step in range(max_new_tokens):
+                # Note (one torch thread): a few rows through the 4-bit kernels leave torch
+                # only small ops; with OMP_WAIT_POLICY=passive each pays a thread wake-up on
+                # 2 threads (measured: see kernel_heavy). The kernels keep ``threads``.
+                few = self.kernel_heavy and ids.numel() <= Linear4bit.FUSED_MAX_ROWS
+                torch.set_num_threads(1 if few else torch_threads)
+                logits = self._forward(ids, positions, start, cache, valid, cos, sin, threads)
+                nxt = logits.argmax(-1)                                        # (batch,)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                    done |= torch.isin(nxt, eos)
+                out[:, prompt + step] = nxt
+                if return_logits:
+                    logits_seen.append(logits)
+                if eos_token_id is not None and bool(done.all()):
+                    out = out[:, :prompt + step + 1]
+                    break
+                start += ids.shape[1]
+                ids = nxt[:, None]                                             # (batch, 1)
+                last_pos = last_pos + 1
+                positions = last_pos[:, None]
+        finally:
+            torch.set_num_threads(torch_threads)
         return (out, logits_seen) if return_logits else out
 
     def _forward(self, ids, positions, start, cache, valid, cos, sin, threads):
@@ -436,9 +534,9 @@ class LlamaDecoder:
                 mask = torch.ones(n, end, dtype=torch.bool).tril(start)
         half = d // 2
         for layer, (k_cache, v_cache) in zip(self.layers, cache):
-            qkv = layer.qkv(self._norm(x, layer.norm1), threads)          # (rows, (nh+2nkv) d)
+            qkv = layer.qkv(self._norm(x, layer.norm1), threads, reuse=True)  # (rows, (nh+2nkv) d)
             qk = qkv[:, :(nh + nkv) * d].reshape(batch, n, nh + nkv, d)
-            qk = qk * c + qk.roll(half, -1) * s                           # RoPE on q and k
+            qk = torch.addcmul(qk * c, qk.roll(half, -1), s)              # RoPE on q and k
             q = qk[:, :, :nh].transpose(1, 2)                             # (batch, nh, n, d)
             k_cache[:, :, start:end] = qk[:, :, nh:].transpose(1, 2)
             v_cache[:, :, start:end] = qkv[:, (nh + nkv) * d:].reshape(
@@ -446,10 +544,10 @@ class LlamaDecoder:
             a = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
                                                attn_mask=mask, is_causal=causal,
                                                scale=layer.scaling, enable_gqa=nkv != nh)
-            x = x + layer.o(a.transpose(1, 2).reshape(batch * n, nh * d), threads)
-            gu = layer.gate_up(self._norm(x, layer.norm2), threads)       # (rows, 2 inter)
+            x += layer.o(a.transpose(1, 2).reshape(batch * n, nh * d), threads, reuse=True)
+            gu = layer.gate_up(self._norm(x, layer.norm2), threads, reuse=True)  # (rows, 2 inter)
             inter = gu.shape[1] // 2
-            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:], threads)
+            x += layer.down(F.silu(gu[:, :inter]) * gu[:, inter:], threads, reuse=True)
         last = x.reshape(batch, n, h)[:, -1]                              # (batch, hidden)
         return self.head(self._norm(last, self.norm), threads)            # (batch, vocab)
 

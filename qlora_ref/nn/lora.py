@@ -301,13 +301,35 @@ class LoRALinear(nn.Module):
         plan = plan_of()
         if plan is None:
             return None
-        x32 = xc.reshape(rows, self.in_features).to(torch.float32).contiguous()  # (rows, in)
+        a_t, b_t = self._decode_adapters()                              # (in, r), (r, out)
+        x32 = xc.reshape(rows, self.in_features)                                  # (rows, in)
+        if x32.dtype != torch.float32 or not x32.is_contiguous():
+            x32 = x32.to(torch.float32).contiguous()
         y = base.fused_matmul(x32, plan)                                          # (rows, out)
-        h = x32 @ self.lora_A.to(torch.float32).t()                               # (rows, r)
-        y.addmm_(h, self.lora_B.to(torch.float32).t(), alpha=self.scaling)        # + s h B^T
+        y.addmm_(torch.mm(x32, a_t), b_t, alpha=self.scaling)                     # + s (x A^T) B^T
         if base.bias is not None:
             y += base.bias.to(torch.float32)
-        return y.reshape(*xc.shape[:-1], self.out_features).to(xc.dtype)
+        y = y.view(*xc.shape[:-1], self.out_features)
+        return y if xc.dtype == torch.float32 else y.to(xc.dtype)
+
+    def _decode_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T, B^T)`` in float32 for :meth:`_decode`: views of float32 adapters, else copies.
+
+        Note (small layers): on the tiny GPT's 128 x 128 layers a decoding call is a
+        few microseconds, and the two ``.to(float32).t()`` and the parameter look-ups
+        cost as much as the kernel. They are made once and kept while the adapters
+        are the same tensors at the same address and version (an optimizer step or
+        ``copy_`` bumps the version, ``.to()`` moves the data).
+        """
+        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr())
+        held = self.__dict__.get("_decode_held")
+        if held is None or held[0] is not a or held[1] is not b or held[2] != key:
+            with torch.no_grad():
+                held = (a, b, key, a.detach().to(torch.float32).t(),
+                        b.detach().to(torch.float32).t())
+            self.__dict__["_decode_held"] = held  # a plain attribute, not in the state dict
+        return held[3], held[4]
 
     def _merged_forward(self, x):
         if self.merged_weight is None:  # 16-bit base: merged in place

@@ -151,6 +151,116 @@ def test_one_kernel_call_gives_the_bytes_of_the_layers_own_lean_path(llama):
 
 
 @needs_kernel
+def test_held_buffers_and_staged_codes_give_the_same_bytes(llama):
+    """``reuse=True`` (held output and adapter buffers) and a staged copy of the codes change no byte."""
+    import numpy as np
+
+    ours = _models(llama, torch.float32)["ours"]
+    mlp = ours.model.layers[0].mlp
+    x = torch.randn(3, HIDDEN)
+    with torch.no_grad():
+        joined = Projection([mlp.gate_proj, mlp.up_proj])
+        fresh = joined(x).clone()
+        held = joined(x, reuse=True)
+        assert torch.equal(held, fresh)
+        again = joined(2 * x, reuse=True)
+        assert again.data_ptr() == held.data_ptr()            # the buffer is the projection's
+        assert torch.equal(again, joined(2 * x))
+        joined.stage = np.empty(joined.plan.packed.size, np.uint8)
+        assert torch.equal(joined(x, reuse=True), fresh)
+        assert np.array_equal(joined.stage, joined.plan.packed)
+
+
+@needs_kernel
+def test_the_decoder_stages_wide_projections_without_changing_a_token(llama, monkeypatch):
+    from qlora_ref.nn import decode
+
+    ours = _models(llama, torch.float32)["ours"]
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain, plain_logits = LlamaDecoder(ours).generate(ids, 4, return_logits=True)
+        monkeypatch.setattr(decode, "STAGE_MIN_IN", INTER)  # the down projections (in = INTER)
+        staged = LlamaDecoder(ours)
+        assert staged.layers[0].down.stage is not None and staged.layers[0].qkv.stage is None
+        tokens, logits = staged.generate(ids, 4, return_logits=True)
+    assert torch.equal(tokens, plain)
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+
+
+@needs_kernel
+def test_a_prompt_joins_base_and_adapter_in_one_matmul_within_the_float32_bound(llama):
+    """Over FUSED_MAX_ROWS rows: ``[Y | H] = X [W; A]^T``, ``Y + s H B^T``, against float64."""
+    ours = _models(llama, torch.float32)["ours"]
+    attn = ours.model.layers[0].self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    rows = qlora_ref.nn.Linear4bit.FUSED_MAX_ROWS + 8
+    x = torch.randn(rows, HIDDEN)
+    with torch.no_grad():
+        got = Projection(layers)(x)
+        x64 = x.double()
+        parts, magnitude = [], []
+        for m in layers:
+            w = m.base_layer.dequantize(torch.float32).double()
+            a, b = m.lora_A.double(), m.lora_B.double()
+            parts.append(x64 @ w.T + m.scaling * (x64 @ a.T) @ b.T)
+            magnitude.append(x64.abs() @ w.abs().T
+                             + m.scaling * (x64.abs() @ a.abs().T) @ b.abs().T)
+        expected, magnitude = torch.cat(parts, -1), torch.cat(magnitude, -1)
+    bound = 2 * _gamma(HIDDEN + 4) * magnitude
+    err = (got.double() - expected).abs()
+    assert torch.all(err <= bound), f"off by {(err - bound).max():.3g} over the bound"
+
+
+@needs_kernel
+def test_the_layers_decode_sees_adapters_changed_in_place_or_replaced(llama):
+    """``LoRALinear._decode`` keeps float32 views of A and B; a step, a copy or a new parameter is seen."""
+    layer = _models(llama, torch.float32)["ours"].model.layers[0].self_attn.q_proj
+    x = torch.randn(2, HIDDEN)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B.add_(0.5)                                 # an optimizer step: in place
+        stepped = layer(x)
+        assert not torch.equal(stepped, before)
+        assert torch.equal(stepped, copy.deepcopy(layer)(x))  # a copy makes its own views
+        layer.lora_A = torch.nn.Parameter(torch.randn_like(layer.lora_A))
+        replaced = layer(x)
+        assert not torch.equal(replaced, stepped)
+        assert torch.equal(replaced, copy.deepcopy(layer)(x))
+        for p in (layer.lora_A, layer.lora_B):                 # 16-bit adapters: float32 copies
+            p.data = p.data.to(torch.bfloat16)
+        cast = layer(x)
+        layer.lora_B.mul_(2)                                   # the copy must be remade
+        doubled = layer(x)
+        assert not torch.equal(doubled, cast)
+        assert torch.equal(doubled, copy.deepcopy(layer)(x))
+
+
+@needs_kernel
+def test_decoding_steps_run_torch_on_one_thread_and_give_the_threads_back(llama, monkeypatch):
+    """Steps of a few rows through the kernels set torch to 1 thread; a prompt and the caller keep theirs."""
+    ours = _models(llama, torch.float32)["ours"]
+    decoder = LlamaDecoder(ours)
+    assert decoder.kernel_heavy and not LlamaDecoder(llama).kernel_heavy
+    seen, forward = [], decoder._forward
+
+    def spy(ids, *args):
+        seen.append((ids.numel(), torch.get_num_threads()))
+        return forward(ids, *args)
+
+    monkeypatch.setattr(decoder, "_forward", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with torch.no_grad():
+            decoder.generate(torch.randint(0, VOCAB, (1, 40)), 3)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == 3
+    assert seen == [(40, 3), (1, 1), (1, 1)]
+
+
+@needs_kernel
 def test_the_decoder_stops_at_eos_as_generate_does(llama):
     model = _models(llama, torch.float32)["ours"]
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
@@ -231,7 +341,7 @@ def test_smollm2_greedy_tokens_equal_generate():
 
 
 def test_the_benchmark_counts_the_bytes_the_decoder_reads(llama):
-    """``bench --generate --model``: the lean rows' bytes per token are the codes, float32 constants and head."""
+    """``bench --generate --model``: the lean rows' bytes per token are the codes, float32 constants, adapters and head."""
     from qlora_ref.bench.generate import _lean_bytes, _padded_prompts
 
     ours = _models(llama, torch.float32)["ours"]
@@ -241,6 +351,8 @@ def test_the_benchmark_counts_the_bytes_the_decoder_reads(llama):
     fourbit = [m for m in ours.modules() if isinstance(m, qlora_ref.nn.Linear4bit)]
     expected = sum(m.packed.numel() + 4 * m.absmax.numel() for m in fourbit)  # float32 absmax
     expected += ours.lm_head.weight.numel() * 4                               # float32 head
+    expected += sum(4 * (m.lora_A.numel() + m.lora_B.numel())                 # float32 adapters
+                    for m in ours.modules() if isinstance(m, LoRALinear))
     assert _lean_bytes(decoder) == expected
     ids, mask = _padded_prompts(torch.arange(1, 10)[None], (3, 5), pad_token_id=0)
     assert ids.tolist() == [[0, 0, 1, 2, 3], [1, 2, 3, 4, 5]]
