@@ -276,16 +276,57 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
     ``r=16``) and the head; the bandwidth limit is ``copy rate / bytes_per_token``, with the
     copy rate measured in the same run (:func:`copy_rate`).
     """
+    import torch
+
+    from qlora_ref.nn.decode import LlamaDecoder
+
+    say = say or (lambda *a: None)
+    m = _real_models(folder, r, say)
+    lean = {m.ours_name: LlamaDecoder(m.ours), "bfloat16": LlamaDecoder(m.bf16)}
+    lean_nf4_head = LlamaDecoder(m.ours, head="nf4")
+    text = m.prompt["input_ids"]
+    arms = _real_arms(m, lean, lean_nf4_head, new_tokens, prefill, batch_lengths)
+    nbytes = {}
+    for way, model in m.models.items():
+        fourbit = _fourbit_bytes(model)
+        nbytes[way, "generate"] = fourbit + (_head_bytes(model) + _adapter_bytes(model)
+                                             if fourbit else _dense_linear_bytes(model))
+    for way, decoder in lean.items():
+        nbytes[way, "lean"] = _lean_bytes(decoder)
+    nbytes[m.ours_name, "lean, NF4 head"] = _lean_bytes(lean_nf4_head)
+    say(_nf4_head_effect(lean[m.ours_name], lean_nf4_head, text, new_tokens))
+    set_omp = omp_set_num_threads()
+    rows = []
+    for t in threads:
+        os.environ["QLORA_REF_NUM_THREADS"] = str(t)
+        torch.set_num_threads(t)
+        set_omp(t)
+        rate = copy_rate()
+        for (table, way, loop), seconds in _best_seconds(arms, repeat).items():
+            row = {"table": table, "threads": t, "way": way, "loop": loop, "seconds": seconds}
+            if table == "decode":
+                tps = new_tokens / seconds
+                limit = rate / nbytes[way, loop]
+                row.update(tokens_per_s=tps, bytes_per_token=nbytes[way, loop], copy_rate=rate,
+                           limit_tokens_per_s=limit, percent_of_limit=100 * tps / limit)
+            elif table == "prefill":
+                row.update(tokens_per_s=prefill / seconds, prompt_tokens=prefill)
+            else:
+                row.update(tokens_per_s=new_tokens / seconds, prompts=len(batch_lengths))
+            rows.append(row)
+    return rows
+
+
+def _real_models(folder, r: int, say):
+    """The tokenizer, the chat prompt and the models of :func:`real_model_rows`, by way."""
     import copy
-    import time
+    from types import SimpleNamespace
 
     import torch
     import transformers
 
     import qlora_ref
-    from qlora_ref.nn.decode import LlamaDecoder
 
-    say = say or (lambda *a: None)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                            add_generation_prompt=True, return_tensors="pt",
@@ -307,81 +348,76 @@ def real_model_rows(folder, new_tokens: int = 32, threads=(1, 2), repeat: int = 
         say(f"bitsandbytes 4-bit model not measured: {type(exc).__name__}: {exc}")
     models["float32"] = f32
     models["bfloat16"] = bf16
-    lean = {ours_name: LlamaDecoder(ours), "bfloat16": LlamaDecoder(bf16)}
-    lean_nf4_head = LlamaDecoder(ours, head="nf4")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    text = prompt["input_ids"]
+    return SimpleNamespace(tokenizer=tokenizer, prompt=prompt, models=models, ours=ours,
+                           bf16=bf16, ours_name=ours_name, pad=pad)
+
+
+def _real_arms(m, lean: dict, lean_nf4_head, new_tokens: int, prefill: int,
+               batch_lengths) -> dict:
+    """``(table, way, loop) -> a function that runs it once``, for every row of the tables."""
+    import torch
+
+    text = m.prompt["input_ids"]
     long_ids = text.repeat(1, -(-max(prefill, max(batch_lengths)) // text.shape[1]))
-    batch_ids, batch_mask = _padded_prompts(long_ids, batch_lengths, pad)
+    batch_ids, batch_mask = _padded_prompts(long_ids, batch_lengths, m.pad)
     prefill_ids = long_ids[:, :prefill]
 
     def hf(model, ids, mask, n):
         return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=pad)
+                                      min_new_tokens=n, do_sample=False, pad_token_id=m.pad)
 
     def ours_lean(decoder, ids, mask, n):
         return lambda: decoder.generate(ids, n, attention_mask=mask)
 
-    # (table, way, loop) -> a function that runs it once
     arms = {}
-    for way, model in models.items():
-        arms["decode", way, "generate"] = hf(model, text, prompt["attention_mask"], new_tokens)
+    for way, model in m.models.items():
+        arms["decode", way, "generate"] = hf(model, text, m.prompt["attention_mask"], new_tokens)
     for way, decoder in lean.items():
         arms["decode", way, "lean"] = ours_lean(decoder, text, None, new_tokens)
-    arms["decode", ours_name, "lean, NF4 head"] = ours_lean(lean_nf4_head, text, None, new_tokens)
+    arms["decode", m.ours_name, "lean, NF4 head"] = ours_lean(lean_nf4_head, text, None,
+                                                             new_tokens)
     # prefill and batched: against the bfloat16 model through either loop
-    arms["prefill", "bfloat16", "generate"] = hf(bf16, prefill_ids, torch.ones_like(prefill_ids),
-                                                 1)
-    arms["batched", "bfloat16", "generate"] = hf(bf16, batch_ids, batch_mask, new_tokens)
-    for way in (ours_name, "bfloat16"):
+    arms["prefill", "bfloat16", "generate"] = hf(m.bf16, prefill_ids,
+                                                 torch.ones_like(prefill_ids), 1)
+    arms["batched", "bfloat16", "generate"] = hf(m.bf16, batch_ids, batch_mask, new_tokens)
+    for way in (m.ours_name, "bfloat16"):
         arms["prefill", way, "lean"] = ours_lean(lean[way], prefill_ids, None, 1)
         arms["batched", way, "lean"] = ours_lean(lean[way], batch_ids, batch_mask, new_tokens)
-    nbytes = {}
-    for way, model in models.items():
-        fourbit = _fourbit_bytes(model)
-        nbytes[way, "generate"] = fourbit + (_head_bytes(model) + _adapter_bytes(model)
-                                             if fourbit else _dense_linear_bytes(model))
-    for way, decoder in lean.items():
-        nbytes[way, "lean"] = _lean_bytes(decoder)
-    nbytes[ours_name, "lean, NF4 head"] = _lean_bytes(lean_nf4_head)
-    with torch.no_grad():  # what the opt-in 4-bit head changes: the tokens and the logits
-        own, own_logits = lean[ours_name].generate(text, new_tokens, return_logits=True)
-        nf4, nf4_logits = lean_nf4_head.generate(text, new_tokens, return_logits=True)
+    return arms
+
+
+def _nf4_head_effect(own_decoder, nf4_decoder, text, new_tokens: int) -> str:
+    """What the opt-in 4-bit head changes: how many greedy tokens stay, how far the logits move."""
+    import torch
+
+    with torch.no_grad():
+        own, own_logits = own_decoder.generate(text, new_tokens, return_logits=True)
+        nf4, nf4_logits = nf4_decoder.generate(text, new_tokens, return_logits=True)
     new = own[0, text.shape[1]:] != nf4[0, text.shape[1]:]
     same = int(new.nonzero()[0, 0]) if bool(new.any()) else new_tokens
     first = (own_logits[0] - nf4_logits[0]).abs().max().item()
-    say(f"NF4 head vs the model's bfloat16 head (lean decoder, ours): the first {same} of "
-        f"{new_tokens} greedy tokens equal; first token's logits differ by at most {first:.3g} "
-        f"(largest |logit| {own_logits[0].abs().max().item():.3g})")
-    set_omp = omp_set_num_threads()
-    rows = []
-    for t in threads:
-        os.environ["QLORA_REF_NUM_THREADS"] = str(t)
-        torch.set_num_threads(t)
-        set_omp(t)
-        rate = copy_rate()
-        best = {key: math.inf for key in arms}
-        with torch.no_grad():
-            for key, run in arms.items():  # warm-up: first calls, repacking, caches
+    return (f"NF4 head vs the model's bfloat16 head (lean decoder, ours): the first {same} of "
+            f"{new_tokens} greedy tokens equal; first token's logits differ by at most {first:.3g} "
+            f"(largest |logit| {own_logits[0].abs().max().item():.3g})")
+
+
+def _best_seconds(arms: dict, repeat: int) -> dict:
+    """Each arm's best time of ``repeat`` runs, the arms taking turns after one warm-up run each."""
+    import time
+
+    import torch
+
+    best = {key: math.inf for key in arms}
+    with torch.no_grad():
+        for run in arms.values():  # warm-up: first calls, repacking, caches
+            run()
+        for _ in range(repeat):
+            for key, run in arms.items():  # interleaved: load changes hit all ways
+                start = time.perf_counter()
                 run()
-            for _ in range(repeat):
-                for key, run in arms.items():  # interleaved: load changes hit all ways
-                    start = time.perf_counter()
-                    run()
-                    best[key] = min(best[key], time.perf_counter() - start)
-        for (table, way, loop), seconds in best.items():
-            row = {"table": table, "threads": t, "way": way, "loop": loop, "seconds": seconds}
-            if table == "decode":
-                tps = new_tokens / seconds
-                limit = rate / nbytes[way, loop]
-                row.update(tokens_per_s=tps, bytes_per_token=nbytes[way, loop], copy_rate=rate,
-                           limit_tokens_per_s=limit, percent_of_limit=100 * tps / limit)
-            elif table == "prefill":
-                row.update(tokens_per_s=prefill / seconds, prompt_tokens=prefill)
-            else:
-                row.update(tokens_per_s=new_tokens / seconds, prompts=len(batch_lengths))
-            rows.append(row)
-    return rows
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best
 
 
 def real_model_table(folder, fmt: str = "text", say=print, new_tokens: int = 32,
