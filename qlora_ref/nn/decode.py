@@ -344,6 +344,18 @@ def _rotate_table(rotary, positions: int, head_dim: int):
     return cos[0].float(), (sin[0].float() * sign)
 
 
+def _padding(attention_mask, batch: int, prompt: int, total: int):
+    """``(valid, positions)``: which cache slots each row may attend to (None: all), and the
+    prompt's positions, counted over real tokens only when the prompt is left-padded (as
+    transformers' ``generate`` counts them)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, torch.arange(prompt)[None].expand(batch, prompt)
+    valid = torch.zeros(batch, total, dtype=torch.bool)                  # keys a row may see
+    valid[:, :prompt] = attention_mask.bool()
+    valid[:, prompt:] = True
+    return valid, (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
 class LlamaDecoder:
     """Greedy decoding of a (prepared) ``LlamaForCausalLM``-style model without transformers' loop.
 
@@ -442,34 +454,10 @@ class LlamaDecoder:
         decoding stops once all have, as ``model.generate`` does; without
         it, exactly ``max_new_tokens`` are produced.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not input_ids.numel():
-            raise ValueError("input_ids must be a non-empty (batch, prompt) tensor of token ids, "
-                             f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        vocab = self.embed.shape[0]
-        if input_ids.dtype != torch.long or int(input_ids.min()) < 0 \
-                or int(input_ids.max()) >= vocab:
-            raise ValueError(f"input_ids must be int64 token ids in [0, {vocab}), got "
-                             f"{input_ids.dtype} in [{int(input_ids.min())}, "
-                             f"{int(input_ids.max())}]")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"input_ids {tuple(input_ids.shape)}")
+        self._check_request(input_ids, max_new_tokens, attention_mask)
         batch, prompt = input_ids.shape
         total = prompt + max_new_tokens
-        if total > self.max_positions:
-            raise ValueError(f"prompt + new tokens = {total} is over the model's "
-                             f"max_position_embeddings = {self.max_positions}")
-        if attention_mask is None or bool(attention_mask.all()):
-            valid = None                                                   # no padding
-            positions = torch.arange(prompt)[None].expand(batch, prompt)
-        else:
-            valid = torch.zeros(batch, total, dtype=torch.bool)            # keys a row may see
-            valid[:, :prompt] = attention_mask.bool()
-            valid[:, prompt:] = True
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)  # as HF's generate
+        valid, positions = _padding(attention_mask, batch, prompt, total)
         threads = default_num_threads(self.hidden * self.hidden)
         cache = [(torch.zeros(batch, self.n_kv, total, self.head_dim),
                   torch.zeros(batch, self.n_kv, total, self.head_dim)) for _ in self.layers]
@@ -510,6 +498,28 @@ class LlamaDecoder:
         finally:
             torch.set_num_threads(torch_threads)
         return (out, logits_seen) if return_logits else out
+
+    def _check_request(self, input_ids, max_new_tokens, attention_mask) -> None:
+        """One ``ValueError`` line for token ids, a length or a mask :meth:`generate` cannot take."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not input_ids.numel():
+            raise ValueError("input_ids must be a non-empty (batch, prompt) tensor of token ids, "
+                             f"got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        vocab = self.embed.shape[0]
+        if input_ids.dtype != torch.long or int(input_ids.min()) < 0 \
+                or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids must be int64 token ids in [0, {vocab}), got "
+                             f"{input_ids.dtype} in [{int(input_ids.min())}, "
+                             f"{int(input_ids.max())}]")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.max_positions:
+            raise ValueError(f"prompt + new tokens = {total} is over the model's "
+                             f"max_position_embeddings = {self.max_positions}")
 
     def _forward(self, ids, positions, start, cache, valid, cos, sin, threads):
         """Logits (float32, ``(batch, vocab)``) of the last position, writing K and V at ``start:``."""
