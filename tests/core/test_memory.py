@@ -361,7 +361,7 @@ def test_invalid_inputs_raise_value_error_naming_the_argument(call, name):
 
 def test_memory_module_does_not_import_torch():
     code = "import sys, qlora_ref.memory; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "memory.py imported torch"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "qlora_ref.memory imported torch"
 
 
 @pytest.mark.parametrize("kv_heads, tied", [(2, True), (4, False), (1, False)])
