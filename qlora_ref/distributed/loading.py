@@ -44,41 +44,17 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .._atomic import regular_file_path
-from ..nn.lora import LoRALinear
+from ..nn.saved4bit import parameters_on_meta as params_on_meta  # noqa: F401  (this module's API)
 from ..nn.model import find_target_modules, prepare_model, replace_module
 from .fsdp import _require_process_group, check_shardable, decoder_blocks
 
 __all__ = ["load_sharded", "params_on_meta"]
-
-
-@contextmanager
-def params_on_meta():
-    """Inside the block, every parameter a module registers is put on the ``meta`` device.
-
-    Buffers stay where they are made (CPU), so tables computed in
-    ``__init__`` (Llama's rotary ``inv_freq``) are real. Initializers run on
-    ``meta`` tensors and draw no random numbers.
-    """
-    register = nn.Module.register_parameter
-
-    def on_meta(self, name, param):
-        register(self, name, param)
-        if param is not None and not param.is_meta:
-            self._parameters[name] = nn.Parameter(param.to("meta"),
-                                                  requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 class _Weights:

@@ -63,7 +63,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .._atomic import (atomic_directory, check_regular_file, open_regular_file, read_regular_file,
-                       refuse_inside_package, refuse_symlink, write_atomic)
+                       refuse_inside_package, refuse_symlink, regular_file_path, write_atomic)
 from ..interop.bitsandbytes import from_linear4bit_state_dict, linear4bit_state_dict_keys
 from .adapters import (WEIGHTS_NAME as ADAPTER_WEIGHTS, adapter_key, canonical_safetensors,
                        load_adapter, read_base_record)
@@ -468,7 +468,8 @@ def attach_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Modul
         if held != {json.dumps(wanted, sort_keys=True)}:
             raise ValueError(f"{directory} was trained on a base stored as {wanted}; this model's "
                              f"4-bit layers are {sorted(held)}: the adapters belong to another base")
-    with safe_open(str(weights), framework="pt") as f:
+    with regular_file_path(weights, "adapter weights") as name, \
+            safe_open(name, framework="pt") as f:  # the checked file itself, whatever is swapped in
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     for name, base in layers.items():
         shape = shapes.get(adapter_key(name, "A"))
