@@ -250,7 +250,7 @@ class Projection:
         w = w.view(-1, self.in_features)                                  # (sum out + extra, in)
         return w.view(torch.bfloat16) if bf16 else w.to(self.compute_dtype)
 
-    def _prompt(self, xc, x32, threads):
+    def _prompt(self, xc, threads):
         r"""Many rows: one dequantize and one matmul in the compute dtype, as the training forward.
 
         .. math::
@@ -302,10 +302,10 @@ class Projection:
         if self.way == "fused4":
             cdt = self.compute_dtype
             xc = x32.to(cdt)                  # the layer rounds its input to the compute dtype
+            if rows > Linear4bit.FUSED_MAX_ROWS:
+                return self._prompt(xc, threads)
             if cdt != torch.float32:
                 x32 = xc.to(torch.float32)
-            if rows > Linear4bit.FUSED_MAX_ROWS:
-                return self._prompt(xc, x32, threads)
             buf = self._held.get(rows) if reuse else None
             if buf is None:
                 buf = self._buffers(rows)
