@@ -199,16 +199,15 @@ def run_dequantize_kernel(state, out: np.ndarray, num_threads: int) -> None:
     (:func:`dequantize_4bit` does, and :class:`qlora_ref.nn.Linear4bit` once
     per change of its buffers); the kernel still checks every length.
     """
-    bf16 = out.dtype == np.uint16
+    # one kernel per layout; it writes float32 or bfloat16 bits by out's dtype
     if state.nested_absmax is not None:
-        kernel = (kernels().dequantize_4bit_packed_nested_bf16 if bf16
-                  else kernels().dequantize_4bit_packed_nested)
-        kernel(state.packed, state.absmax, state.nested_absmax, state.nested_code,
-               float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
-               num_threads)
+        kernels().dequantize_4bit_packed_nested(
+            state.packed, state.absmax, state.nested_absmax, state.nested_code,
+            float(state.offset), state.nested_blocksize, state.code, state.blocksize, out,
+            num_threads)
     else:
-        kernel = kernels().dequantize_4bit_packed_bf16 if bf16 else kernels().dequantize_4bit_packed
-        kernel(state.packed, state.absmax, state.code, state.blocksize, out, num_threads)
+        kernels().dequantize_4bit_packed(state.packed, state.absmax, state.code, state.blocksize,
+                                         out, num_threads)
 
 
 def dequantize_4bit(state: QuantState, dtype=None, backend: str | None = None,
