@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .context import ROOT, Context
-from .report import table
+from .report import log_file, table
 
 
 def cuda_test_files() -> list[str]:
@@ -65,7 +65,7 @@ def run(ctx: Context) -> dict:
     command = [sys.executable, "-m", "pytest", *files, "-m", "cuda", "-q", "-rs",
                "-p", "no:cacheprovider", f"--junitxml={junit}"]
     started = time.perf_counter()
-    with open(log, "w") as f:
+    with log_file(log) as f:
         code = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - started
     lines = [line for line in log.read_text().splitlines() if line.strip()]

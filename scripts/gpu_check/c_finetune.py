@@ -8,7 +8,7 @@ import json
 import time
 
 from .context import Context
-from .report import gb, table
+from .report import gb, table, write_file
 
 # the dry run's finetune reads this named configuration: a small training and eval set
 DRY_FINETUNE_CONFIG = {"gpu_check_dry_run": {"train_size": 64, "eval_size": 8}}
@@ -19,7 +19,7 @@ def _argv(ctx: Context, run_dir) -> list[str]:
             *ctx.sizes.finetune_flags]
     if ctx.dry_run:
         config = ctx.out / "finetune_dry_run.json"
-        config.write_text(json.dumps(DRY_FINETUNE_CONFIG, indent=1))
+        write_file(config, json.dumps(DRY_FINETUNE_CONFIG, indent=1))
         argv += ["--config", str(config), next(iter(DRY_FINETUNE_CONFIG))]
     return argv
 

@@ -58,3 +58,16 @@ def environment(device: str) -> dict:
         env.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
                    capability=f"{props.major}.{props.minor}")
     return env
+
+
+def write_file(path, text: str) -> None:
+    """Write a result file whole or not at all, never through a symlink (``qlora_ref._atomic``)."""
+    from qlora_ref._atomic import write_atomic
+
+    write_atomic(path, text)
+
+
+def log_file(path):
+    """A log to stream a subprocess into: created or truncated, never opened through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "w")

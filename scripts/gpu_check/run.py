@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import parts
 from .context import ROOT, Context, PartSkipped
-from .report import environment
+from .report import environment, log_file, write_file
 
 
 def run_part_here(key: str, ctx: Context) -> int:
@@ -29,7 +29,7 @@ def run_part_here(key: str, ctx: Context) -> int:
         result["environment"] = environment(ctx.device)
         result.update(part.run(ctx))
         result.update(status="ok", part_seconds=time.perf_counter() - started)
-        (ctx.out / "result.md").write_text(part.markdown(result))
+        write_file(ctx.out / "result.md", part.markdown(result))
         code = 0
     except PartSkipped as exc:  # not a failure: the summary says why
         result.update(status="skipped", reason=str(exc), part_seconds=time.perf_counter() - started)
@@ -40,7 +40,7 @@ def run_part_here(key: str, ctx: Context) -> int:
         result.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                       part_seconds=time.perf_counter() - started)
         code = 1
-    (ctx.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    write_file(ctx.out / "result.json", json.dumps(result, indent=1, default=str))
     return code
 
 
@@ -62,7 +62,7 @@ def _child(part, args, out: Path, folder: Path, timeout_s: float) -> tuple:
         # CPU, for nothing the dry run checks (as tests/conftest.py does)
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
         env.setdefault("OMP_WAIT_POLICY", "passive")
-    with open(folder / "log.txt", "w") as log:
+    with log_file(folder / "log.txt") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:
@@ -94,10 +94,10 @@ def run_part_subprocess(part, args, out: Path, timeout_s: float) -> dict:
     result.update(wall_seconds=seconds, timeout_s=timeout_s, exit_status=code)
     if result["status"] != "ok":
         result["log_tail"] = _tail(folder / "log.txt")
-    (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    write_file(folder / "result.json", json.dumps(result, indent=1, default=str))
     if result["status"] != "ok":
         why = result.get("error") or result.get("reason")
-        (folder / "result.md").write_text(
+        write_file(folder / "result.md", 
             f"# ({part.key}) {part.title}\n\n**{result['status']}**: {why}\n\n"
             f"```\n{result['log_tail']}\n```\n")
     return result
@@ -111,8 +111,8 @@ def not_started(part, args, out: Path, total_s: float) -> dict:
     result = {"part": part.key, "title": part.title, "device": args.device,
               "dry_run": args.dry_run, "status": "timeout", "error": error,
               "wall_seconds": 0.0, "timeout_s": 0.0}
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
-    (folder / "result.md").write_text(f"# ({part.key}) {part.title}\n\n**timeout**: {error}\n")
+    write_file(folder / "result.json", json.dumps(result, indent=1))
+    write_file(folder / "result.md", f"# ({part.key}) {part.title}\n\n**timeout**: {error}\n")
     return result
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .parts import PART_BY_KEY
-from .report import gb, table, x
+from .report import gb, table, write_file, x
 from .targets import judge_targets, status
 
 
@@ -71,12 +71,12 @@ def write_summary(out: Path, results: dict, args, seconds: float) -> dict:
             + "\n\n## Parts\n\n"
             + table(("part", "what", "status", "time", "limit", "details"), _part_rows(results))
             + "\n" + _stated_numbers(results))
-    (out / "summary.md").write_text(text)
+    write_file(out / "summary.md", text)
     summary = {"mode": mode, "device": args.device, "dry_run": args.dry_run, "seconds": seconds,
                "environment": env, "targets": targets,
                "parts": {k: {"status": r["status"], "reason": r.get("reason"),
                              "wall_seconds": r["wall_seconds"],
                              "timeout_s": r["timeout_s"], "folder": PART_BY_KEY[k].folder}
                          for k, r in results.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_file(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
