@@ -130,3 +130,27 @@ def pytest_runtest_makereport(item, call):
     """``pytest.importorskip`` of an extra's module inside a test or fixture: the extra named."""
     outcome = yield
     _name_the_extra(outcome.get_result())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The converted SmolLM2-135M-Instruct folder, once per test session (the real-model extra).
+
+    In ``$QLORA_REF_CACHE`` when set (CI, a developer who keeps it); otherwise
+    converted into a session temporary folder and deleted afterwards (540 MB).
+    Without the extra: skipped, or failed under ``QLORA_REF_REQUIRE_REAL_MODEL=1``.
+    """
+    import shutil
+
+    import qlora_ref.models as models
+    from tests.helpers import missing_extra_action
+
+    action = missing_extra_action()
+    if action is not None:
+        (pytest.fail if action[0] == "fail" else pytest.skip)(action[1])
+    if os.environ.get("QLORA_REF_CACHE"):
+        yield models.smollm2(quiet=True)
+        return
+    root = tmp_path_factory.mktemp("qlora_ref_cache")
+    yield models.smollm2(cache_dir=root, quiet=True)
+    shutil.rmtree(root, ignore_errors=True)  # not left in pytest's kept temp folders

