@@ -38,6 +38,15 @@
 #define GEMV4_TASK_ROWS 16   /* most rows of W (outputs) per call */
 #define GEMV4_TILE 512       /* inputs per pass: 8 rows of x, 16 KB, stay in L1 */
 
+#ifndef GEMV4_AHEAD
+#define GEMV4_AHEAD 4096
+#endif
+#define GEMV4_PREFETCH(row, scales, i0, blocksize) do { \
+    __builtin_prefetch((row) + ((i0) >> 1) + GEMV4_AHEAD, 0, 3); \
+    if (((i0) / (blocksize)) % 16 == 0) \
+        __builtin_prefetch((scales) + (i0) / (blocksize) + GEMV4_AHEAD / 8, 0, 3); \
+} while (0)
+
 /* inputs per pass over the task's rows: whole blocks, about GEMV4_TILE of them */
 static inline ptrdiff_t gemv4_tile(ptrdiff_t blocksize, ptrdiff_t in_features) {
     ptrdiff_t tile = blocksize >= GEMV4_TILE ? blocksize : GEMV4_TILE / blocksize * blocksize;
@@ -141,6 +150,7 @@ static inline void gemv4_avx2_rows(const uint8_t* packed, const float* absmax, c
             const uint8_t* row = packed + (o * in_features >> 1);
             const float* scales = absmax + o * in_features / blocksize;
             for (ptrdiff_t i0 = t0; i0 < t1; i0 += blocksize) {
+                GEMV4_PREFETCH(row, scales, i0, blocksize);
                 __m256 s = _mm256_set1_ps(scales[i0 / blocksize]);
                 __m256 low8 = _mm256_mul_ps(code_low, s), high8 = _mm256_mul_ps(code_high, s);
                 for (ptrdiff_t i = i0; i < i0 + blocksize; i += 32) {   /* 16 bytes, 32 weights */
@@ -203,6 +213,7 @@ static inline void gemv4_avx512_rows(const uint8_t* packed, const float* absmax,
             const uint8_t* row = packed + (o * in_features >> 1);
             const float* scales = absmax + o * in_features / blocksize;
             for (ptrdiff_t i0 = t0; i0 < t1; i0 += blocksize) {
+                GEMV4_PREFETCH(row, scales, i0, blocksize);
                 /* the block's 16 weights: the float32 products of dequantize, exactly */
                 __m512 table = _mm512_mul_ps(code16, _mm512_set1_ps(scales[i0 / blocksize]));
                 for (ptrdiff_t i = i0; i < i0 + blocksize; i += 32) {   /* 16 bytes, 32 weights */
