@@ -107,7 +107,8 @@ def extensions():
     ext = Extension("qlora_ref._kernels.quant4", ["qlora_ref/_kernels/quant4.pyx"],
                     define_macros=macros, include_dirs=["qlora_ref/_kernels"],  # lookup16.h
                     depends=["qlora_ref/_kernels/lookup16.h", "qlora_ref/_kernels/gemv4.h",
-                             "qlora_ref/_kernels/checks.pxi"])
+                             "qlora_ref/_kernels/checks.pxi", "qlora_ref/_kernels/decode_step.h",
+                             "qlora_ref/_kernels/decode_step.pxi"])
     return cythonize([ext], compiler_directives=directives,
                      build_dir="build/cython-debug" if DEBUG_CYTHON else None)
 

@@ -106,6 +106,7 @@ cdef extern from "gemv4.h" nogil:
     # xs: x with each 32 inputs reordered evens-then-odds, what the vector paths read
     int gemv4_wants_split_x(Py_ssize_t blocksize, Py_ssize_t in_features)
     void gemv4_split_x(const float* x, Py_ssize_t m, Py_ssize_t in_features, float* xs)
+    enum: GEMV4_MAX_ROWS    # rows of x one pass over the codes takes
 
 #: The inner loop of 4-bit dequantization, by name (lookup16.h): every path writes
 #: the same bytes; they differ in how many lookups one instruction does.
@@ -562,3 +563,8 @@ def unpack_nibbles(const u8[::1] packed,   # in: (ceil(n / 2),)
         _unpack_range(&packed[0], &codes[0], s * SPAN, _block_end(s, SPAN, n_pairs))
     if n % 2:
         codes[n - 1] = packed[n_pairs] >> 4
+
+
+# -- one decoding step's pieces (decode_step.pxi) --------------------------------
+
+include "decode_step.pxi"

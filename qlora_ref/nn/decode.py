@@ -33,6 +33,13 @@ less per-token work than the general loop:
   thread during decoding steps (:attr:`LlamaDecoder.kernel_heavy`);
 * a **static KV cache** allocated once per call, RoPE from a precomputed table,
   ``F.rms_norm`` and ``F.scaled_dot_product_attention`` (one op each);
+* **one sequence's new tokens in the step kernels** (:meth:`LlamaDecoder._forward_token`):
+  each norm, projection (4-bit product, adapters, bias and residual sum in one
+  ``LeanProjection.run``), attention and SiLU is one call into the extension
+  (``_kernels/decode_step.h``) on NumPy views of the same buffers, eight per block,
+  instead of about thirty torch calls. The torch lines of :meth:`LlamaDecoder._forward`
+  are its readable twin and run every other call (a prompt, a batch, padding);
+  ``tests/nn/test_decode_step.py`` checks the two agree within the float32 bound;
 * a float32 residual stream: every matmul input is rounded to the layer's
   compute dtype exactly as the layer does; its output and everything between
   (norms, RoPE, attention, residual sums) stay in float32. (Where the
@@ -149,6 +156,7 @@ class Projection:
         self.sizes = [m.out_features for m in self.modules]
         self.out_features = sum(self.sizes)
         self.way = "modules"
+        self.lean = None  # "fused4": the kernel that runs a decoding call whole (_lean_kernel)
         self._held = {}  # rows -> buffers of a decoding call (_buffers)
         parts = [_lora_parts(m) for m in self.modules]
         if all(p is not None for p in parts):
@@ -207,6 +215,26 @@ class Projection:
             self.lora_b_scaled = B.to(self.compute_dtype)
             self.lora_a = A.to(self.compute_dtype)                     # (sum r, in)
         self.way = "fused4"
+        self.lean = self._lean_kernel()
+
+    def _lean_kernel(self):
+        """The whole decoding call in one kernel call (``LeanProjection``), or None where the
+        layers round their input to a dtype other than bfloat16 or float32."""
+        if self.compute_dtype not in (torch.bfloat16, torch.float32):
+            return None
+        lora = {}
+        if self.lora is not None:
+            a_t, blocks = self.lora
+            lora = dict(
+                a_t=a_t.numpy(),                                           # (in, sum r)
+                b_t=np.concatenate([b_t.reshape(-1).numpy() for *_, b_t, _ in blocks]),
+                blocks=np.array([blk[:4] for blk in blocks], dtype=np.intp).reshape(-1),
+                scales=np.array([blk[5] for blk in blocks], dtype=np.float32))
+        bias = None if self.bias is None else self.bias.numpy()
+        return kernels().LeanProjection(
+            self.plan.packed, self.plan.absmax, self.plan.code, self.plan.blocksize,
+            self.in_features, self.out_features, self.compute_dtype == torch.bfloat16,
+            bias=bias, **lora)
 
     def _dense(self, bases):
         dtypes = {b.weight.dtype for b in bases}
@@ -412,6 +440,10 @@ class LlamaDecoder:
                                              else lm_head.bias.detach().float())
         self.head = Projection([lm_head])
         self._table = None
+        self._token = None  # _token_kernels' buffers, made on first use (False: none)
+        #: Set False to run every step through the torch lines of :meth:`_forward` (the
+        #: readable twin of :meth:`_forward_token`).
+        self.token_kernels = True
         fused = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up,
                                                       layer.down) if p.way == "fused4"]
         #: True when the layers' projections run in the 4-bit kernels: then a decoding step
@@ -431,6 +463,61 @@ class LlamaDecoder:
                 stage = np.empty(max(p.plan.packed.size for p in staged), np.uint8)
                 for p in staged:
                     p.stage = stage[:p.plan.packed.size]                   # (sum out * in / 2,)
+
+    def _token_kernels(self):
+        """Buffers of :meth:`_forward_token`, or None where a projection has no lean kernel.
+
+        Note (one token, one sequence): most decoding is this case, and it is where the
+        torch calls of :meth:`_forward` cost most against the arithmetic (about 110 us of
+        a SmolLM2 layer's 250 us were norms, RoPE, attention and sums). The step kernels
+        (``decode_step.h``) do each of them in one call on float32 NumPy views.
+        """
+        if self._token is not None:
+            return self._token or None
+        projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up,
+                                                            layer.down)]
+        if not self.layers or any(p.lean is None for p in projections):
+            self._token = False
+            return None
+        first = self.layers[0]
+        width = lambda p: p.out_features                                   # noqa: E731
+        self._token = SimpleNamespace(
+            x=np.empty((1, self.hidden), np.float32),                      # residual stream
+            xn=np.empty((1, self.hidden), np.float32),                     # its norm
+            qkv=np.empty((1, width(first.qkv)), np.float32),
+            attn=np.empty((1, self.n_heads * self.head_dim), np.float32),
+            gate_up=np.empty((1, width(first.gate_up)), np.float32),
+            act=np.empty((1, width(first.gate_up) // 2), np.float32),
+            norms=[(layer.norm1[0].numpy(), layer.norm1[1], layer.norm2[0].numpy(),
+                    layer.norm2[1]) for layer in self.layers],
+            final=(self.norm[0].numpy(), self.norm[1]))
+        return self._token
+
+    def _forward_token(self, token, pos, cache, cos, sin, threads):
+        """:meth:`_forward` for one token of one sequence (position ``pos``), in the step kernels.
+
+        ``cache``: each layer's ``(n_kv, total, d)`` float32 K and V as NumPy views;
+        ``cos``, ``sin``: the RoPE table as NumPy. The same float32 residual stream,
+        input roundings and order of operations as :meth:`_forward` (its readable twin);
+        only the order of float32 sums inside a norm, a dot product or a softmax differs
+        (``tests/nn/test_decode_step.py``). Returns the logits ``(1, vocab)``.
+        """
+        k, b = kernels(), self._token
+        x, xn = b.x, b.xn
+        x[0] = self.embed[token].float().numpy()                          # (hidden,)
+        for layer, (k_cache, v_cache), (w1, eps1, w2, eps2) in zip(self.layers, cache, b.norms):
+            k.rms_norm(x, w1, eps1, xn)
+            layer.qkv.lean.run(xn, b.qkv, False, threads if layer.qkv.parallel else 1)
+            k.attend_token(b.qkv[0], cos[pos], sin[pos], k_cache, v_cache, pos, self.n_heads,
+                           layer.scaling, b.attn[0])
+            layer.o.lean.run(b.attn, x, True, threads if layer.o.parallel else 1)   # x += o(a)
+            k.rms_norm(x, w2, eps2, xn)
+            layer.gate_up.lean.run(xn, b.gate_up, False,
+                                   threads if layer.gate_up.parallel else 1)
+            k.silu_mul(b.gate_up, b.act)
+            layer.down.lean.run(b.act, x, True, threads if layer.down.parallel else 1)
+        k.rms_norm(x, *b.final, xn)
+        return self.head(torch.from_numpy(xn), threads)                    # (1, vocab)
 
     def _rope(self, positions: int):
         if self._table is None or self._table[0].shape[0] < positions:
@@ -473,14 +560,29 @@ class LlamaDecoder:
         ids, start = input_ids, 0
         last_pos = positions[:, -1]
         torch_threads = torch.get_num_threads()
+        one = (batch == 1 and valid is None and self.token_kernels
+               and self._token_kernels() is not None)
+        if one:  # one sequence: its tokens after the prompt go through _forward_token
+            cache_np = [(k[0].numpy(), v[0].numpy()) for k, v in cache]  # (n_kv, total, d)
+            cos_np, sin_np = cos.numpy(), sin.numpy()                    # (positions, d)
         try:
             for step in range(max_new_tokens):
                 # Note (one torch thread): a few rows through the 4-bit kernels leave torch
                 # only small ops; with OMP_WAIT_POLICY=passive each pays a thread wake-up on
-                # 2 threads (measured: see kernel_heavy). The kernels keep ``threads``.
-                few = self.kernel_heavy and ids.numel() <= Linear4bit.FUSED_MAX_ROWS
+                # 2 threads (measured: see kernel_heavy). The kernels keep ``threads``. A
+                # step of the step kernels leaves torch only the head, one large matmul: it
+                # keeps torch's threads (SmolLM2's bfloat16 head, 1 token: 3.1 ms on 1
+                # thread, 1.6 ms on 2, passive wait policy, load 0.9, 2026-12-06).
+                token_step = one and ids.shape[1] == 1
+                few = (self.kernel_heavy and ids.numel() <= Linear4bit.FUSED_MAX_ROWS
+                       and not token_step)
                 torch.set_num_threads(1 if few else torch_threads)
-                logits = self._forward(ids, positions, start, cache, valid, cos, sin, threads)
+                if token_step:
+                    logits = self._forward_token(ids[0, 0], start, cache_np, cos_np, sin_np,
+                                                 threads)
+                else:
+                    logits = self._forward(ids, positions, start, cache, valid, cos, sin,
+                                           threads)
                 nxt = logits.argmax(-1)                                        # (batch,)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)

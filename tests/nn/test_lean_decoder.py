@@ -176,10 +176,13 @@ def test_the_decoder_stages_wide_projections_without_changing_a_token(llama, mon
     ours = _models(llama, torch.float32)["ours"]
     ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        plain, plain_logits = LlamaDecoder(ours).generate(ids, 4, return_logits=True)
+        twin = LlamaDecoder(ours)
+        twin.token_kernels = False
+        plain, plain_logits = twin.generate(ids, 4, return_logits=True)
         monkeypatch.setattr(decode, "STAGE_MIN_IN", INTER)  # the down projections (in = INTER)
         staged = LlamaDecoder(ours)
         assert staged.layers[0].down.stage is not None and staged.layers[0].qkv.stage is None
+        staged.token_kernels = False  # the torch lines stage; the step kernels read in place
         tokens, logits = staged.generate(ids, 4, return_logits=True)
     assert torch.equal(tokens, plain)
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
@@ -234,18 +237,27 @@ def test_the_layers_decode_sees_adapters_changed_in_place_or_replaced(llama):
 
 
 @needs_kernel
-def test_decoding_steps_run_torch_on_one_thread_and_give_the_threads_back(llama, monkeypatch):
-    """Steps of a few rows through the kernels set torch to 1 thread; a prompt and the caller keep theirs."""
+@pytest.mark.parametrize("token_kernels", [False, True])
+def test_decoding_steps_run_torch_on_one_thread_and_give_the_threads_back(llama, monkeypatch,
+                                                                         token_kernels):
+    """Steps of a few rows through the torch lines set torch to 1 thread; a prompt, a step of
+    the step kernels (torch runs only the head there) and the caller keep theirs."""
     ours = _models(llama, torch.float32)["ours"]
     decoder = LlamaDecoder(ours)
+    decoder.token_kernels = token_kernels
     assert decoder.kernel_heavy and not LlamaDecoder(llama).kernel_heavy
-    seen, forward = [], decoder._forward
+    seen, forward, token = [], decoder._forward, decoder._forward_token
 
     def spy(ids, *args):
         seen.append((ids.numel(), torch.get_num_threads()))
         return forward(ids, *args)
 
+    def token_spy(*args):  # one sequence's new tokens: the step kernels (test_decode_step.py)
+        seen.append(("token", torch.get_num_threads()))
+        return token(*args)
+
     monkeypatch.setattr(decoder, "_forward", spy)
+    monkeypatch.setattr(decoder, "_forward_token", token_spy)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
@@ -255,7 +267,8 @@ def test_decoding_steps_run_torch_on_one_thread_and_give_the_threads_back(llama,
     finally:
         torch.set_num_threads(before)
     assert after == 3
-    assert seen == [(40, 3), (1, 1), (1, 1)]
+    steps = [("token", 3)] * 2 if token_kernels else [(1, 1)] * 2
+    assert seen == [(40, 3)] + steps
 
 
 @needs_kernel
