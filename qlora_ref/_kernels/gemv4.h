@@ -38,6 +38,11 @@
 #define GEMV4_TASK_ROWS 16   /* most rows of W (outputs) per call */
 #define GEMV4_TILE 512       /* inputs per pass: 8 rows of x, 16 KB, stay in L1 */
 
+/* Prefetch: each block asks for the codes GEMV4_AHEAD bytes ahead (and, every 16 blocks,
+ * their constants), so that a call reading its weights from DRAM (a decoding step reads
+ * more than the caches hold) overlaps the reads with the arithmetic instead of waiting on
+ * each line. Measured on SmolLM2's lean decoder (2-core EPYC, 1 thread, 2026-12-06):
+ * 67.7 tokens/s without, 72-75 with 1-16 KB ahead (4 KB chosen; the spread is the noise). */
 #ifndef GEMV4_AHEAD
 #define GEMV4_AHEAD 4096
 #endif

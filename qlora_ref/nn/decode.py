@@ -196,23 +196,24 @@ class Projection:
         if any(p[1] is not None for p in parts):
             with torch.no_grad():
                 A = torch.cat([p[1].detach().float() for p in parts if p[1] is not None])
-                B = torch.zeros(self.out_features, A.shape[0])         # (sum out, sum r)
-                blocks, row, col = [], 0, 0
+                blocks, prompt_blocks, row, col = [], [], 0, 0
                 for size, (_, a, b, s) in zip(self.sizes, parts):
                     if a is not None:
                         r = a.shape[0]
-                        B[row:row + size, col:col + r] = b.detach().float() * s
                         # y[:, row:row+size] += s h[:, col:col+r] B_i^T, as the layer adds it
                         blocks.append((row, row + size, col, col + r,
                                        b.detach().float().t().contiguous(), s))  # (r, size)
+                        # a prompt's, in the compute dtype as the training forward: (s B_i)^T
+                        prompt_blocks.append((row, row + size, col, col + r, (
+                            b.detach().float() * s).to(self.compute_dtype).t().contiguous()))
                         col += r
                     row += size
-            # Note (bytes): a block-diagonal B would be one addmm, but on SmolLM2 its zeros
-            # are 2-3x B's bytes (about 10 MB a token in float32); each block is its own addmm
+            # Note (zeros): a block-diagonal B would be one addmm, but on SmolLM2 its zeros
+            # are 2-3x B's bytes (about 10 MB a token in float32) and, for a prompt, its
+            # multiply-adds (256 rows, 1 thread: gate/up 165 us as one addmm, 101 us per
+            # block); each block is its own addmm
             self.lora = (A.t().contiguous(), blocks)                   # (in, sum r), blocks
-            # a prompt's update in the compute dtype, as the training forward computes it:
-            # s B (block-diagonal) as one (sum out, sum r) weight
-            self.lora_b_scaled = B.to(self.compute_dtype)
+            self.lora_prompt = prompt_blocks
             self.lora_a = A.to(self.compute_dtype)                     # (sum r, in)
         self.way = "fused4"
         self.lean = self._lean_kernel()
@@ -299,7 +300,9 @@ class Projection:
             wa = self.dequantize(threads, extra_rows=self.lora_a.shape[0])
             wa[out:] = self.lora_a                                       # (sum out + sum r, in)
             yh = F.linear(xc, wa)                                        # (rows, sum out + sum r)
-            y = torch.addmm(yh[:, :out], yh[:, out:], self.lora_b_scaled.t())  # + s H B^T
+            y = yh[:, :out]
+            for o0, o1, r0, r1, sb_t in self.lora_prompt:                 # + s H_i B_i^T
+                y[:, o0:o1].addmm_(yh[:, out + r0:out + r1], sb_t)
         y = y.to(torch.float32)
         return y if self.bias is None else y.add_(self.bias)
 
