@@ -28,6 +28,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The loops below are plain C; on x86-64 GCC also compiles an AVX2 copy of the heavier
+ * ones and the loader picks it on CPUs that have AVX2 (target_clones; the same float32
+ * operations in the same order, -ffp-contract=off holds for both copies). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define DECODE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DECODE_VECTOR_CLONES
+#endif
+
 /* torch's float32 -> bfloat16 (c10 round_to_nearest_even): NaN -> 0x7FC0, else add
  * 0x7FFF plus the lowest kept bit and drop 16 bits; the value comes back as float32 */
 static inline float decode_round_bf16(float v) {
@@ -45,6 +54,7 @@ static void decode_round_bf16_n(const float* x, ptrdiff_t n, float* out) {
 }
 
 /* rows of `hidden` values; x and out may be the same array */
+DECODE_VECTOR_CLONES
 static void decode_rms_norm(const float* x, ptrdiff_t rows, ptrdiff_t hidden, const float* w,
                             float eps, float* out) {
     for (ptrdiff_t r = 0; r < rows; r++) {
@@ -72,6 +82,7 @@ static inline void decode_rope(const float* v, const float* cos, const float* si
  * k_cache, v_cache: (n_kv, total, d); row `pos` of each head is written here
  * scores:  pos + 1 floats of scratch;  q: d floats of scratch
  * out:     n_heads * d: each query head's attention output */
+DECODE_VECTOR_CLONES
 static void decode_attend(const float* qkv, const float* cos, const float* sin_signed,
                           float* k_cache, float* v_cache, ptrdiff_t total, ptrdiff_t pos,
                           ptrdiff_t n_heads, ptrdiff_t n_kv, ptrdiff_t d, float scale,
@@ -109,6 +120,7 @@ static void decode_attend(const float* qkv, const float* cos, const float* sin_s
 }
 
 /* rows of [g | u] (2 * inter each) -> rows of silu(g) * u (inter each) */
+DECODE_VECTOR_CLONES
 static void decode_silu_mul(const float* gu, ptrdiff_t rows, ptrdiff_t inter, float* out) {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float* g = gu + r * 2 * inter;
@@ -124,10 +136,12 @@ static void decode_silu_mul(const float* gu, ptrdiff_t rows, ptrdiff_t inter, fl
  * b_t holds each B_i^T, (r_i, o1 - o0), one after another; blocks is n_blocks rows of
  * (o0, o1, r0, r1); scales one s per block. h: rows * R floats of scratch; t: the
  * widest block's outputs of scratch. */
-static void decode_lora(const float* x, ptrdiff_t rows, ptrdiff_t in_features,
-                        const float* a_t, ptrdiff_t R, const float* b_t,
+DECODE_VECTOR_CLONES
+static void decode_lora(const float* restrict x, ptrdiff_t rows, ptrdiff_t in_features,
+                        const float* restrict a_t, ptrdiff_t R, const float* restrict b_t,
                         const ptrdiff_t* blocks, const float* scales, ptrdiff_t n_blocks,
-                        float* h, float* t, float* y, ptrdiff_t out_features) {
+                        float* restrict h, float* restrict t, float* restrict y,
+                        ptrdiff_t out_features) {
     for (ptrdiff_t r = 0; r < rows; r++) {
         float* hr = h + r * R;
         for (ptrdiff_t c = 0; c < R; c++) hr[c] = 0.0f;

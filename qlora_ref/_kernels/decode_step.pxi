@@ -111,7 +111,7 @@ cdef class LeanProjection:
     cdef const u8[::1] packed
     cdef const float[::1] absmax
     cdef const float[::1] code
-    cdef Py_ssize_t blocksize, n_in, n_out, R, n_blocks, widest
+    cdef Py_ssize_t blocksize, n_in, n_out, R, n_blocks, widest, max_rows
     cdef bint round_input, has_lora, has_bias
     cdef const float[:, ::1] a_t
     cdef const float[::1] b_t
@@ -126,7 +126,7 @@ cdef class LeanProjection:
 
     def __init__(self, packed, absmax, code, Py_ssize_t blocksize, Py_ssize_t in_features,
                  Py_ssize_t out_features, bint round_input, a_t=None, b_t=None, blocks=None,
-                 scales=None, bias=None):
+                 scales=None, bias=None, Py_ssize_t max_rows=GEMV4_MAX_ROWS):
         import numpy as np
         cdef Py_ssize_t k, expected = 0
         _check_blocksize("blocksize", blocksize, True)
@@ -169,7 +169,9 @@ cdef class LeanProjection:
             self.bias = bias
             _check_same("LeanProjection: len(bias) must equal out_features",
                         self.bias.shape[0], out_features)
-        rows = GEMV4_MAX_ROWS
+        if max_rows < 1:
+            raise ValueError(f"LeanProjection: max_rows must be at least 1, got {max_rows}")
+        self.max_rows = rows = max_rows
         self.x_round = np.empty((rows, in_features), np.float32)
         self.x_split = np.empty((rows, in_features), np.float32)
         self.y_tmp = np.empty((rows, out_features), np.float32)
@@ -179,7 +181,7 @@ cdef class LeanProjection:
     def run(self, const float[:, ::1] x,   # in: (rows, in) float32, rows <= 8
             float[:, ::1] y,               # out: (rows, out) float32
             bint accumulate=False, int threads=1):
-        """``y = ...`` (or ``y += ...`` with ``accumulate``: the residual sum) for ``rows <= 8``.
+        """``y = ...`` (or ``y += ...`` with ``accumulate``: the residual sum) for ``rows <= max_rows``.
 
         ``threads`` > 1 splits the output rows over OpenMP threads (the bytes do not
         depend on it).
@@ -189,8 +191,8 @@ cdef class LeanProjection:
         cdef const float* xs = NULL
         cdef float* out
         _check_threads(threads)
-        if not 1 <= m <= GEMV4_MAX_ROWS:
-            raise ValueError(f"LeanProjection.run takes 1 to {GEMV4_MAX_ROWS} rows, got {m}")
+        if not 1 <= m <= self.max_rows:
+            raise ValueError(f"LeanProjection.run takes 1 to {self.max_rows} rows, got {m}")
         _check_same("LeanProjection.run: x.shape[1] must equal in_features", x.shape[1], self.n_in)
         _check_same("LeanProjection.run: y.shape[0] must equal x.shape[0]", y.shape[0], m)
         _check_same("LeanProjection.run: y.shape[1] must equal out_features", y.shape[1],

@@ -34,6 +34,7 @@ import math
 import numbers
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -288,7 +289,8 @@ class LoRALinear(nn.Module):
         place and rounded to ``xc.dtype`` once. With a float32 compute dtype
         the two differ only in the order of float32 sums; in bfloat16 this
         path is the more accurate one (``tests/nn/test_fast_decode.py`` checks both bounds).
-        Per call it costs the kernel plus about five small torch calls, where
+        Per call it is one kernel call (:meth:`_decode_kernel`: the 4-bit
+        product, the adapters and the bias) and two small torch calls, where
         the twin's checks, dispatch and bfloat16 adapter casts cost about as
         much as the kernel again on SmolLM2's layers.
         """
@@ -301,35 +303,57 @@ class LoRALinear(nn.Module):
         plan = plan_of()
         if plan is None:
             return None
-        a_t, b_t = self._decode_adapters()                              # (in, r), (r, out)
         x32 = xc.reshape(rows, self.in_features)                                  # (rows, in)
         if x32.dtype != torch.float32 or not x32.is_contiguous():
             x32 = x32.to(torch.float32).contiguous()
-        y = base.fused_matmul(x32, plan)                                          # (rows, out)
-        y.addmm_(torch.mm(x32, a_t), b_t, alpha=self.scaling)                     # + s (x A^T) B^T
-        if base.bias is not None:
-            y += base.bias.to(torch.float32)
+        y = torch.empty(rows, self.out_features)                                  # (rows, out)
+        self._decode_kernel(plan).run(x32.numpy(), y.numpy())  # x W^T + s (x A^T) B^T + b
         y = y.view(*xc.shape[:-1], self.out_features)
         return y if xc.dtype == torch.float32 else y.to(xc.dtype)
 
-    def _decode_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T, B^T)`` in float32 for :meth:`_decode`: views of float32 adapters, else copies.
+    def _decode_kernel(self, plan):
+        """The one kernel call of :meth:`_decode` (``LeanProjection``): the plan's codes and float32 copies of ``A^T``, ``B^T`` and the bias.
 
-        Note (small layers): on the tiny GPT's 128 x 128 layers a decoding call is a
-        few microseconds, and the two ``.to(float32).t()`` and the parameter look-ups
-        cost as much as the kernel. They are made once and kept while the adapters
-        are the same tensors at the same address and version (an optimizer step or
-        ``copy_`` bumps the version, ``.to()`` moves the data).
+        Its twin is the torch sequence it replaced, ``y = fused_matmul(x, plan);
+        y.addmm_(x @ A^T, B^T, alpha=s); y += b``: the same kernel bytes for the
+        base, the same float32 operations after it in another summation order
+        (``tests/nn/test_fast_decode.py``).
+
+        Note (small layers): on the tiny GPT's 128 x 128 layers a decoding call
+        is a few microseconds, and casting the adapters, looking up the
+        parameters and each small torch call cost as much as the kernel. The
+        kernel object is made once and kept while the plan, the adapters and
+        the bias are the same tensors at the same address and version (an
+        optimizer step or ``copy_`` bumps the version, ``.to()`` moves the
+        data) and the scaling is unchanged.
         """
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr())
+        bias = self.base_layer.bias
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.scaling,
+               None if bias is None else (bias._version, bias.data_ptr()))
         held = self.__dict__.get("_decode_held")
-        if held is None or held[0] is not a or held[1] is not b or held[2] != key:
+        if (held is None or held[0] is not plan or held[1] is not a or held[2] is not b
+                or held[3] is not bias or held[4] != key):
+            from ..backend import kernels
+
             with torch.no_grad():
-                held = (a, b, key, a.detach().to(torch.float32).t(),
-                        b.detach().to(torch.float32).t())
+                a_t = a.detach().to(torch.float32).t().contiguous()               # (in, r)
+                b_t = b.detach().to(torch.float32).t().contiguous()               # (r, out)
+                lean = kernels().LeanProjection(
+                    plan.packed, plan.absmax, plan.code, plan.blocksize, self.in_features,
+                    self.out_features, False, a_t=a_t.numpy(), b_t=b_t.reshape(-1).numpy(),
+                    blocks=np.array([0, self.out_features, 0, a_t.shape[1]], np.intp),
+                    scales=np.array([self.scaling], np.float32),
+                    bias=None if bias is None else bias.detach().to(torch.float32).numpy(),
+                    max_rows=self.base_layer.FUSED_MAX_ROWS)
+            held = (plan, a, b, bias, key, lean)
             self.__dict__["_decode_held"] = held  # a plain attribute, not in the state dict
-        return held[3], held[4]
+        return held[5]
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_decode_held", None)  # copies and pickles leave the kernel behind (views)
+        return state
 
     def _merged_forward(self, x):
         if self.merged_weight is None:  # 16-bit base: merged in place

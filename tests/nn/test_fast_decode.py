@@ -132,7 +132,8 @@ def test_the_plan_follows_every_change_of_the_weight():
         assert torch.all((after.double() - expected.double()).abs() <= bound)
         assert not torch.equal(before, after)
         layer.base_layer.packed.fill_(0x77)    # written in place: every code is NF4's 0.0
-        assert torch.equal(layer(x), _lora(layer, x))                     # W is now 0
+        zero_w = (layer(x) - _lora(layer, x)).abs()                        # W is now 0:
+        assert torch.all(zero_w <= 2 * _gamma(128 + 4 + 3) * _magnitude(layer, x))  # sum order only
         layer.base_layer.nested_absmax[0] = float("nan")   # a bad value: checked again
         with pytest.raises(ValueError, match="nested_absmax"):
             layer(x)

@@ -318,10 +318,13 @@ def test_a_forward_reaches_the_kernel_in_at_most_four_hops():
                     or qlora_ref.backend.simd_level() == "portable",
                     reason="the fused kernel needs the extension and an AVX2/AVX-512 CPU")
 def test_generation_multiplies_straight_from_the_codes_in_three_hops():
-    """No grad, few rows: LoRALinear.forward -> _decode -> Linear4bit.fused_matmul -> gemv_4bit."""
+    """No grad, few rows: LoRALinear.forward -> _decode -> one LeanProjection.run (the gemv
+    on the codes, the adapters and the bias in one kernel call)."""
     layer, x = _lora_layer_4bit(), torch.randn(2, 64)
-    chain = _chain_to(layer, x, "fused_matmul", grad=False)
-    assert [name.split(".")[-1] for name in chain] == ["_decode", "fused_matmul"], chain
+    chain = _chain_to(layer, x, "_decode_kernel", grad=False)
+    assert [name.split(".")[-1] for name in chain] == ["_decode", "_decode_kernel"], chain
+    kernel = layer._decode_kernel(layer.base_layer.fused_plan())
+    assert type(kernel).__name__ == "LeanProjection"
     with torch.no_grad():
         fused = layer(x)
     training = layer(x)                                   # grad enabled: dequantize + F.linear
