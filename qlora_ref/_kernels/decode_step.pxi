@@ -105,8 +105,9 @@ cdef class LeanProjection:
     or more layers that share an input, their adapters (``A_cat^T`` and one
     block of ``B^T`` per layer) and bias, with the input first rounded to
     bfloat16 when ``round_input`` (the layer's compute dtype). Built once per
-    projection by ``qlora_ref.nn.decode.Projection``; :meth:`run` then takes
-    only the input and the output. Its twin is that class's torch path.
+    joined projection by ``qlora_ref.nn.projection.Projection`` and once per
+    layer by ``LoRALinear._decode_kernel``; :meth:`run` then takes only the
+    input and the output. Its twins are their torch paths.
     """
     cdef const u8[::1] packed
     cdef const float[::1] absmax
@@ -118,16 +119,10 @@ cdef class LeanProjection:
     cdef const Py_ssize_t[::1] blocks
     cdef const float[::1] scales
     cdef const float[::1] bias
-    cdef float[:, ::1] x_round
-    cdef float[:, ::1] x_split
-    cdef float[:, ::1] y_tmp
-    cdef float[:, ::1] h
-    cdef float[::1] t
 
     def __init__(self, packed, absmax, code, Py_ssize_t blocksize, Py_ssize_t in_features,
                  Py_ssize_t out_features, bint round_input, a_t=None, b_t=None, blocks=None,
                  scales=None, bias=None, Py_ssize_t max_rows=GEMV4_MAX_ROWS):
-        import numpy as np
         cdef Py_ssize_t k, expected = 0
         _check_blocksize("blocksize", blocksize, True)
         if in_features < 1 or out_features < 1 or in_features % blocksize:
@@ -171,25 +166,25 @@ cdef class LeanProjection:
                         self.bias.shape[0], out_features)
         if max_rows < 1:
             raise ValueError(f"LeanProjection: max_rows must be at least 1, got {max_rows}")
-        self.max_rows = rows = max_rows
-        self.x_round = np.empty((rows, in_features), np.float32)
-        self.x_split = np.empty((rows, in_features), np.float32)
-        self.y_tmp = np.empty((rows, out_features), np.float32)
-        self.h = np.empty((rows, max(self.R, 1)), np.float32)
-        self.t = np.empty(max(self.widest, 1), np.float32)
+        self.max_rows = max_rows
 
-    def run(self, const float[:, ::1] x,   # in: (rows, in) float32, rows <= 8
-            float[:, ::1] y,               # out: (rows, out) float32
+    def run(self, const float[:, ::1] x,   # in: (rows, in) float32, rows <= max_rows
+            float[:, ::1] y,               # out: (rows, out) float32, not overlapping x
             bint accumulate=False, int threads=1):
         """``y = ...`` (or ``y += ...`` with ``accumulate``: the residual sum) for ``rows <= max_rows``.
 
         ``threads`` > 1 splits the output rows over OpenMP threads (the bytes do not
-        depend on it).
+        depend on it). Reentrant: the scratch (the rounded and reordered input, the
+        adapter product, the update before it is added) is allocated per call, so
+        two threads may run one projection at once.
         """
         cdef Py_ssize_t m = x.shape[0], t
+        cdef Py_ssize_t n_round, n_split, n_tmp, n_h, n_t
         cdef const float* xin
         cdef const float* xs = NULL
         cdef float* out
+        cdef float* scratch
+        cdef float* free_at
         _check_threads(threads)
         if not 1 <= m <= self.max_rows:
             raise ValueError(f"LeanProjection.run takes 1 to {self.max_rows} rows, got {m}")
@@ -197,15 +192,33 @@ cdef class LeanProjection:
         _check_same("LeanProjection.run: y.shape[0] must equal x.shape[0]", y.shape[0], m)
         _check_same("LeanProjection.run: y.shape[1] must equal out_features", y.shape[1],
                     self.n_out)
+        if (<char*>&y[0, 0] < <char*>(&x[0, 0] + m * self.n_in)
+                and <char*>&x[0, 0] < <char*>(&y[0, 0] + m * self.n_out)):
+            raise ValueError("LeanProjection.run: y overlaps x (the output would overwrite "
+                             "the input while it is read)")
+        n_round = m * self.n_in if self.round_input else 0
+        n_split = m * self.n_in if gemv4_wants_split_x(self.blocksize, self.n_in) else 0
+        n_tmp = m * self.n_out if accumulate else 0
+        n_h = m * self.R if self.has_lora else 0
+        n_t = self.widest if self.has_lora else 0
+        scratch = <float*>malloc((n_round + n_split + n_tmp + n_h + n_t + 1) * sizeof(float))
+        if scratch == NULL:
+            raise MemoryError(f"LeanProjection.run: no memory for {m} rows of scratch")
         with nogil:
+            free_at = scratch
             xin = &x[0, 0]
-            if self.round_input:
-                decode_round_bf16_n(xin, m * self.n_in, &self.x_round[0, 0])
-                xin = &self.x_round[0, 0]
-            if gemv4_wants_split_x(self.blocksize, self.n_in):
-                gemv4_split_x(xin, m, self.n_in, &self.x_split[0, 0])
-                xs = &self.x_split[0, 0]
-            out = &self.y_tmp[0, 0] if accumulate else &y[0, 0]
+            if n_round:
+                decode_round_bf16_n(xin, m * self.n_in, free_at)
+                xin = free_at
+                free_at += n_round
+            if n_split:
+                gemv4_split_x(xin, m, self.n_in, free_at)
+                xs = free_at
+                free_at += n_split
+            out = &y[0, 0]
+            if accumulate:
+                out = free_at
+                free_at += n_tmp
             if threads == 1:
                 gemv4(&self.packed[0], &self.absmax[0], &self.code[0], self.blocksize, xin, xs,
                       m, self.n_in, 0, self.n_out, out, self.n_out)
@@ -217,12 +230,13 @@ cdef class LeanProjection:
                           _block_end(t, GEMV_ROWS_PER_TASK, self.n_out), out, self.n_out)
             if self.has_lora:
                 decode_lora(xin, m, self.n_in, &self.a_t[0, 0], self.R, &self.b_t[0],
-                            &self.blocks[0], &self.scales[0], self.n_blocks, &self.h[0, 0],
-                            &self.t[0], out, self.n_out)
+                            &self.blocks[0], &self.scales[0], self.n_blocks, free_at,
+                            free_at + n_h, out, self.n_out)
             if self.has_bias:
                 _add_bias(out, &self.bias[0], m, self.n_out)
             if accumulate:
                 _add_into(&y[0, 0], out, m * self.n_out)
+        free(scratch)
 
 
 cdef inline void _add_bias(float* y, const float* bias, Py_ssize_t m,

@@ -256,6 +256,10 @@ def test_lean_projection_names_what_is_wrong(k):
         lean.run(x, np.zeros((1, 65), np.float32))
     with pytest.raises(ValueError, match="num_threads"):
         lean.run(x, y, False, 0)
+    both = np.zeros((1, 192), np.float32)
+    with pytest.raises(ValueError, match="overlaps"):     # y written while x is read
+        lean.run(both[:, :128], both[:, 96:160])
+    lean.run(both[:, :128], both[:, 128:])               # side by side: fine
     with pytest.raises(ValueError, match="packed"):
         k.LeanProjection(**{**args, "packed": args["packed"][:-1]}, round_input=False)
     with pytest.raises(ValueError, match="block 0"):
