@@ -28,10 +28,11 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The loops below are plain C; on x86-64 GCC also compiles an AVX2 copy of the heavier
- * ones and the loader picks it on CPUs that have AVX2 (target_clones; the same float32
- * operations in the same order, -ffp-contract=off holds for both copies). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+/* The loops below are plain C; on x86-64 with GCC and glibc (target_clones needs its
+ * ifunc) an AVX2 copy of the heavier ones is compiled too, and the loader picks it on CPUs
+ * that have AVX2: the same float32 operations in the same order (no fast-math, and
+ * -ffp-contract=off holds for both copies). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
 #define DECODE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define DECODE_VECTOR_CLONES
