@@ -133,10 +133,11 @@ class LlamaDecoder:
         64, float32 constants) through the fused kernel: a quarter of the
         bytes of bfloat16, and logits off by the NF4 rounding of the head.
 
-    Note (one call at a time): the decoder holds its step buffers between
-    steps, so one instance serves one :meth:`generate` at a time; build one
-    per thread (the model's weights are shared, not copied, except the
-    joined codes).
+    Notes
+    -----
+    One call at a time: the decoder holds its step buffers between steps, so
+    one instance serves one :meth:`generate` at a time; build one per thread
+    (the model's weights are shared, not copied, except the joined codes).
     """
 
     def __init__(self, model, head: str = "model"):
