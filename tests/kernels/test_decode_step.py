@@ -244,6 +244,38 @@ def test_lean_projection_base_is_the_bytes_of_gemv_4bit_and_adapters_within_the_
     assert np.array_equal(two, y)                # threads split output rows, not sums
 
 
+@settings(max_examples=40, deadline=None)
+@given(outs=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       blocks_in=st.integers(1, 3), blocksize=st.sampled_from([32, 64, 128]),
+       rank=st.integers(1, 6), rows=st.integers(1, 12), round_input=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_lean_projection_on_any_shape_is_gemv_4bit_plus_the_adapters(
+        k, outs, blocks_in, blocksize, rank, rows, round_input, bias, seed):
+    """Any widths, ranks, block sizes and row counts (more than one pass of 8 rows too)."""
+    n_in, n_out = blocks_in * blocksize, sum(outs)
+    args, b_parts = _projection(seed, tuple(outs), n_in, rank, blocksize, bias)
+    x = np.random.default_rng(seed + 1).standard_normal((rows, n_in)).astype(np.float32)
+    xr = _torch_round(x) if round_input else x
+    base = np.empty((rows, n_out), np.float32)
+    k.gemv_4bit(args["packed"], args["absmax"], args["code"], blocksize, xr, base)
+    lean = k.LeanProjection(**args, round_input=round_input, max_rows=12)
+    y = np.empty((rows, n_out), np.float32)
+    lean.run(x, y)
+    h = xr.astype(np.float64) @ args["a_t"]                               # (rows, sum r)
+    h_mag = np.abs(xr) @ np.abs(args["a_t"])
+    parts = [(s * h[:, i * rank:(i + 1) * rank] @ b, s * h_mag[:, i * rank:(i + 1) * rank]
+              @ np.abs(b)) for i, (b, s) in enumerate(zip(b_parts, args["scales"]))]
+    bias_v = args["bias"] if bias else np.zeros(n_out, np.float32)
+    expected = base + np.concatenate([p[0] for p in parts], -1) + bias_v
+    mag = np.abs(base) + np.concatenate([p[1] for p in parts], -1) + np.abs(bias_v)
+    assert np.all(np.abs(y - expected) <= 2 * _gamma(n_in + 2 * rank + 4) * mag)
+    no_adapters = k.LeanProjection(**{**args, "a_t": None, "b_t": None, "blocks": None,
+                                      "scales": None, "bias": None},
+                                   round_input=round_input, max_rows=12)
+    no_adapters.run(x, y)
+    assert np.array_equal(y, base)                   # the base alone: gemv_4bit's bytes
+
+
 def test_lean_projection_names_what_is_wrong(k):
     args, _ = _projection(0, (64,), 128, rank=2)
     lean = k.LeanProjection(**args, round_input=False)
