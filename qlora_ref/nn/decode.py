@@ -212,14 +212,13 @@ class LlamaDecoder:
             self._token = False
             return None
         first = self.layers[0]
-        width = lambda p: p.out_features                                   # noqa: E731
         self._token = SimpleNamespace(
             x=np.empty((1, self.hidden), np.float32),                      # residual stream
             xn=np.empty((1, self.hidden), np.float32),                     # its norm
-            qkv=np.empty((1, width(first.qkv)), np.float32),
+            qkv=np.empty((1, first.qkv.out_features), np.float32),
             attn=np.empty((1, self.n_heads * self.head_dim), np.float32),
-            gate_up=np.empty((1, width(first.gate_up)), np.float32),
-            act=np.empty((1, width(first.gate_up) // 2), np.float32),
+            gate_up=np.empty((1, first.gate_up.out_features), np.float32),
+            act=np.empty((1, first.gate_up.out_features // 2), np.float32),
             norms=[(layer.norm1[0].numpy(), layer.norm1[1], layer.norm2[0].numpy(),
                     layer.norm2[1]) for layer in self.layers],
             final=(self.norm[0].numpy(), self.norm[1]))
@@ -239,15 +238,14 @@ class LlamaDecoder:
         x[0] = self.embed[token].float().numpy()                          # (hidden,)
         for layer, (k_cache, v_cache), (w1, eps1, w2, eps2) in zip(self.layers, cache, b.norms):
             k.rms_norm(x, w1, eps1, xn)
-            layer.qkv.lean.run(xn, b.qkv, False, threads if layer.qkv.parallel else 1)
+            layer.qkv.lean.run(xn, b.qkv, False, layer.qkv.kernel_threads(threads))
             k.attend_token(b.qkv[0], cos[pos], sin[pos], k_cache, v_cache, pos, self.n_heads,
                            layer.scaling, b.attn[0])
-            layer.o.lean.run(b.attn, x, True, threads if layer.o.parallel else 1)   # x += o(a)
+            layer.o.lean.run(b.attn, x, True, layer.o.kernel_threads(threads))   # x += o(a)
             k.rms_norm(x, w2, eps2, xn)
-            layer.gate_up.lean.run(xn, b.gate_up, False,
-                                   threads if layer.gate_up.parallel else 1)
+            layer.gate_up.lean.run(xn, b.gate_up, False, layer.gate_up.kernel_threads(threads))
             k.silu_mul(b.gate_up, b.act)
-            layer.down.lean.run(b.act, x, True, threads if layer.down.parallel else 1)
+            layer.down.lean.run(b.act, x, True, layer.down.kernel_threads(threads))
         k.rms_norm(x, *b.final, xn)
         return self.head(torch.from_numpy(xn), threads)                    # (1, vocab)
 

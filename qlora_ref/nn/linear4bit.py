@@ -448,3 +448,28 @@ class Linear4bit(QuantizedLinear):
         except ValueError as exc:
             raise ValueError(f"{self.label()}: {exc}") from None
         self.load_quant_state(state)
+
+
+def lean_kernel(plan, in_features: int, out_features: int, round_input: bool, a_t=None,
+                blocks=(), bias=None, max_rows: int | None = None):
+    """A ``LeanProjection`` (``_kernels/decode_step.pxi``) of a fused plan, its adapters and bias.
+
+    ``a_t``: the stacked ``A^T`` ``(in, sum r)`` float32, or None (no adapters);
+    ``blocks``: one ``(o0, o1, r0, r1, B_i^T, s_i)`` per adapted layer, ``B_i^T``
+    ``(r_i, o1 - o0)`` float32; ``bias``: ``(out,)`` float32 or None. The kernel
+    keeps views of these arrays (and copies of ``B^T`` and the block table).
+    Shared by :class:`~qlora_ref.nn.projection.Projection` (joined layers) and
+    :meth:`~qlora_ref.nn.LoRALinear._decode_kernel` (one layer).
+    """
+    lora = {}
+    if a_t is not None:
+        lora = dict(
+            a_t=a_t.numpy(),                                               # (in, sum r)
+            b_t=np.concatenate([b_t.reshape(-1).numpy() for *_, b_t, _ in blocks]),
+            blocks=np.array([blk[:4] for blk in blocks], dtype=np.intp).reshape(-1),
+            scales=np.array([blk[5] for blk in blocks], dtype=np.float32))
+    if max_rows is not None:
+        lora["max_rows"] = max_rows
+    return kernels().LeanProjection(
+        plan.packed, plan.absmax, plan.code, plan.blocksize, in_features, out_features,
+        round_input, bias=None if bias is None else bias.numpy(), **lora)

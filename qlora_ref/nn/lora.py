@@ -34,15 +34,15 @@ import math
 import numbers
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .autograd import QLoRAMatmul, qlora_inference, dense_weight, dropout_mask, frozen_weight, is_conv1d
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, lean_kernel
 from .linear8bit import Linear8bit
 from .quantized import QuantizedLinear, check_linear_input
+from ..backend import default_num_threads
 from ..validation import INITS, QUANT_BITS, check_lora_alpha, check_lora_rank
 
 __all__ = ["lora_scaling", "delta_weight", "low_rank_factors",
@@ -307,7 +307,8 @@ class LoRALinear(nn.Module):
         if x32.dtype != torch.float32 or not x32.is_contiguous():
             x32 = x32.to(torch.float32).contiguous()
         y = torch.empty(rows, self.out_features)                                  # (rows, out)
-        self._decode_kernel(plan).run(x32.numpy(), y.numpy())  # x W^T + s (x A^T) B^T + b
+        self._decode_kernel(plan).run(x32.numpy(), y.numpy(), False,  # x W^T + s (x A^T) B^T + b
+                                      default_num_threads(base.weight_numel))  # as fused_matmul
         y = y.view(*xc.shape[:-1], self.out_features)
         return y if xc.dtype == torch.float32 else y.to(xc.dtype)
 
@@ -334,17 +335,13 @@ class LoRALinear(nn.Module):
         held = self.__dict__.get("_decode_held")
         if (held is None or held[0] is not plan or held[1] is not a or held[2] is not b
                 or held[3] is not bias or held[4] != key):
-            from ..backend import kernels
-
             with torch.no_grad():
                 a_t = a.detach().to(torch.float32).t().contiguous()               # (in, r)
                 b_t = b.detach().to(torch.float32).t().contiguous()               # (r, out)
-                lean = kernels().LeanProjection(
-                    plan.packed, plan.absmax, plan.code, plan.blocksize, self.in_features,
-                    self.out_features, False, a_t=a_t.numpy(), b_t=b_t.reshape(-1).numpy(),
-                    blocks=np.array([0, self.out_features, 0, a_t.shape[1]], np.intp),
-                    scales=np.array([self.scaling], np.float32),
-                    bias=None if bias is None else bias.detach().to(torch.float32).numpy(),
+                lean = lean_kernel(
+                    plan, self.in_features, self.out_features, False, a_t,
+                    [(0, self.out_features, 0, a_t.shape[1], b_t, self.scaling)],
+                    None if bias is None else bias.detach().to(torch.float32),
                     max_rows=self.base_layer.FUSED_MAX_ROWS)
             held = (plan, a, b, bias, key, lean)
             self.__dict__["_decode_held"] = held  # a plain attribute, not in the state dict

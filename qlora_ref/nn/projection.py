@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..backend import kernels
 from ..fourbit import run_dequantize_kernel
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, lean_kernel
 
 __all__ = ["Projection", "PARALLEL_MIN_WEIGHTS"]
 
@@ -148,19 +148,13 @@ class Projection:
         layers round their input to a dtype other than bfloat16 or float32."""
         if self.compute_dtype not in (torch.bfloat16, torch.float32):
             return None
-        lora = {}
-        if self.lora is not None:
-            a_t, blocks = self.lora
-            lora = dict(
-                a_t=a_t.numpy(),                                           # (in, sum r)
-                b_t=np.concatenate([b_t.reshape(-1).numpy() for *_, b_t, _ in blocks]),
-                blocks=np.array([blk[:4] for blk in blocks], dtype=np.intp).reshape(-1),
-                scales=np.array([blk[5] for blk in blocks], dtype=np.float32))
-        bias = None if self.bias is None else self.bias.numpy()
-        return kernels().LeanProjection(
-            self.plan.packed, self.plan.absmax, self.plan.code, self.plan.blocksize,
-            self.in_features, self.out_features, self.compute_dtype == torch.bfloat16,
-            bias=bias, **lora)
+        a_t, blocks = self.lora if self.lora is not None else (None, ())
+        return lean_kernel(self.plan, self.in_features, self.out_features,
+                           self.compute_dtype == torch.bfloat16, a_t, blocks, self.bias)
+
+    def kernel_threads(self, threads: int) -> int:
+        """Threads of a decoding call's kernel: ``threads`` from :data:`PARALLEL_MIN_WEIGHTS` on, else 1."""
+        return threads if self.parallel else 1
 
     def _dense(self, bases):
         dtypes = {b.weight.dtype for b in bases}
@@ -264,7 +258,7 @@ class Projection:
                     self._held[rows] = buf
             kernels().gemv_4bit(self.plan.packed, self.plan.absmax, self.plan.code,
                                 self.plan.blocksize, x32.numpy(), buf.y_np,
-                                threads if self.parallel else 1)
+                                self.kernel_threads(threads))
             if buf.h is not None:
                 torch.mm(x32, self.lora[0], out=buf.h)                     # (rows, sum r)
                 for y_block, h_block, b_t, s in buf.updates:               # + s (x A^T) B^T
